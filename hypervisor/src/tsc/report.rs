@@ -1,0 +1,104 @@
+//! What a thaw did to the guest's clock, for `vm.info` and the log.
+
+use super::plan::{ClockPolicy, ThawPlan};
+use super::vendor::Vendor;
+use serde::{Deserialize, Serialize};
+
+/// The policy a thaw could actually apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppliedPolicy {
+    /// Real elapsed time shown to the guest, offsets written and verified.
+    Wallclock,
+    /// No time shown to the guest, offsets written and verified.
+    Frozen,
+    /// The host ignored the offsets: the guest saw the host TSC, and kvmclock
+    /// was made to agree with it.
+    HostTsc,
+}
+
+/// The clock section of `vm.info`: requested vs applied policy and the numbers behind it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockReport {
+    /// Policy the operator asked for.
+    pub policy_requested: ClockPolicy,
+    /// Policy that took effect.
+    pub policy_applied: AppliedPolicy,
+    /// Guest TSC frequency, kHz.
+    pub tsc_khz: u32,
+    /// Host vendor.
+    pub vendor: Vendor,
+    /// VM-wide offset `O'` the plan wanted.
+    pub vm_offset_planned: u64,
+    /// Offset read back from the host, if it could be read.
+    pub vm_offset_applied: Option<u64>,
+    /// Whether the host honoured the offset.
+    pub offsets_honoured: bool,
+    /// Elapsed time shown to the guest, ns.
+    pub elapsed_ns: u64,
+    /// kvmclock written, ns.
+    pub kvmclock_ns: u64,
+    /// Warnings from planning and verification.
+    pub warnings: Vec<String>,
+}
+
+impl ClockReport {
+    /// Builds a report for `plan` (the plan actually applied: a
+    /// [`plan_for_actual_tsc`](super::plan::plan_for_actual_tsc) plan when the
+    /// host ignored offsets). `vm_offset_planned` is the offset of the plan
+    /// first attempted; `vm_offset_applied` what the host read back.
+    pub fn from_plan(
+        requested: ClockPolicy,
+        plan: &ThawPlan,
+        vendor: Vendor,
+        tsc_khz: u32,
+        vm_offset_planned: u64,
+        vm_offset_applied: Option<u64>,
+        offsets_honoured: bool,
+    ) -> Self {
+        let policy_applied = match (offsets_honoured, plan.policy) {
+            (false, _) => AppliedPolicy::HostTsc,
+            (true, ClockPolicy::Wallclock) => AppliedPolicy::Wallclock,
+            (true, ClockPolicy::Frozen) => AppliedPolicy::Frozen,
+        };
+        ClockReport {
+            policy_requested: requested,
+            policy_applied,
+            tsc_khz,
+            vendor,
+            vm_offset_planned,
+            vm_offset_applied,
+            offsets_honoured,
+            elapsed_ns: plan.elapsed_ns,
+            kvmclock_ns: plan.set_clock.clock_ns,
+            warnings: plan.warnings.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serializes_with_stable_names() {
+        let r = ClockReport {
+            policy_requested: ClockPolicy::Frozen,
+            policy_applied: AppliedPolicy::HostTsc,
+            tsc_khz: 2445404,
+            vendor: Vendor::Amd,
+            vm_offset_planned: 7,
+            vm_offset_applied: Some(0),
+            offsets_honoured: false,
+            elapsed_ns: 5,
+            kvmclock_ns: 9,
+            warnings: vec!["w".into()],
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["policy_requested"], "frozen");
+        assert_eq!(v["policy_applied"], "host_tsc");
+        assert_eq!(v["vendor"], "amd");
+        let back: ClockReport = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
+    }
+}
