@@ -1,0 +1,600 @@
+//! The HTTP/1.1 server: a Unix socket, one accepting thread, one short-lived thread per
+//! connection (at most [`ServerLimits::max_connections`] at once), one request per connection.
+//!
+//! Requests are parsed with `httparse`; responses are written by hand because Cloud
+//! Hypervisor's client insists on a status line without a reason phrase (`HTTP/1.1 204 `) and
+//! on the header spelling `Content-Length`. Every response carries `Connection: close`; one with
+//! a body carries `Content-Type: application/json` and `Content-Length`; a 204 carries neither
+//! (RFC 9110 forbids `Content-Length` there, and Cloud Hypervisor's client would print an empty
+//! line for it).
+//!
+//! The socket file is created with mode 0600 without a window in which others could connect:
+//! it is bound inside a fresh 0700 directory next to the target, chmod-ed, then hard-linked to
+//! the target name (which fails if the name was taken meanwhile). Where that temporary path
+//! would be too long for a socket address, or the file system cannot hard-link a socket, the
+//! socket is bound in place and chmod-ed at once.
+
+use std::fs;
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use thiserror::Error;
+
+use super::{allowed_method, route, ApiError, ApiHandler, ApiResponse};
+
+/// Why the server could not start.
+#[derive(Debug, Error)]
+pub enum ApiServerError {
+    /// A live server answers on the path.
+    #[error("another hourglass is serving {0}")]
+    AlreadyServing(PathBuf),
+    /// Something that is not a socket is in the way.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// The existing file could not be examined.
+    #[error("cannot check the existing API socket {path}")]
+    Probe {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A stale socket could not be removed.
+    #[error("cannot remove the stale API socket {path}")]
+    RemoveStale {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Creating, binding or publishing the socket failed.
+    #[error("cannot create the API socket {path}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The accepting thread could not be started.
+    #[error("cannot start the API server thread")]
+    Thread(#[source] io::Error),
+}
+
+/// Limits applied to every connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Largest request body accepted; larger is answered 413 without reading it.
+    pub max_body: usize,
+    /// Largest request head (request line and headers); larger is answered 431.
+    pub max_head: usize,
+    /// Time allowed to receive the whole request; after it the connection is dropped.
+    pub read_timeout: Duration,
+    /// Time allowed to write the response.
+    pub write_timeout: Duration,
+    /// Connections handled at once; further ones wait in the socket's backlog.
+    pub max_connections: usize,
+    /// How long [`ApiServer::shutdown`] waits for requests in progress to be answered.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_body: 64 * 1024,
+            max_head: 16 * 1024,
+            read_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(5),
+            max_connections: 64,
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Shared {
+    handler: Arc<dyn ApiHandler>,
+    limits: ServerLimits,
+    stop: AtomicBool,
+    active: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn active(&self) -> MutexGuard<'_, usize> {
+        // A poisoned counter is still a counter.
+        self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A running API server. Dropping it (or [`ApiServer::shutdown`]) stops accepting, waits up to
+/// [`ServerLimits::drain_timeout`] for requests in progress, and removes the socket file.
+pub struct ApiServer {
+    path: PathBuf,
+    identity: Option<(u64, u64)>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Starts serving `handler` on a Unix socket at `path` with the default [`ServerLimits`].
+pub fn start_api_server(
+    path: &Path,
+    handler: Arc<dyn ApiHandler>,
+) -> Result<ApiServer, ApiServerError> {
+    start_api_server_with_limits(path, handler, ServerLimits::default())
+}
+
+/// Like [`start_api_server`], with explicit limits.
+pub fn start_api_server_with_limits(
+    path: &Path,
+    handler: Arc<dyn ApiHandler>,
+    limits: ServerLimits,
+) -> Result<ApiServer, ApiServerError> {
+    clear_stale(path)?;
+    let listener = bind_private(path)?;
+    let identity = fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    let shared = Arc::new(Shared {
+        handler,
+        limits: ServerLimits {
+            max_connections: limits.max_connections.max(1),
+            ..limits
+        },
+        stop: AtomicBool::new(false),
+        active: Mutex::new(0),
+        changed: Condvar::new(),
+    });
+    let accept_shared = Arc::clone(&shared);
+    let thread = thread::Builder::new()
+        .name("hg-api".into())
+        .spawn(move || accept_loop(listener, accept_shared))
+        .map_err(|e| {
+            remove_if_ours(path, identity);
+            ApiServerError::Thread(e)
+        })?;
+    info!("API server listening on {}", path.display());
+    Ok(ApiServer {
+        path: path.to_path_buf(),
+        identity,
+        shared,
+        thread: Some(thread),
+    })
+}
+
+impl ApiServer {
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops the server (see the type's documentation).
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.changed.notify_all();
+        // Wake the accepting thread with a connection of our own.
+        match UnixStream::connect(&self.path) {
+            Ok(_) => {
+                if thread.join().is_err() {
+                    warn!("API accept thread panicked");
+                }
+            }
+            Err(e) => warn!(
+                "cannot wake the API accept thread through {} ({e}); leaving it",
+                self.path.display()
+            ),
+        }
+        let active = self.shared.active();
+        let (active, timeout) = self
+            .shared
+            .changed
+            .wait_timeout_while(active, self.shared.limits.drain_timeout, |n| *n > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        if timeout.timed_out() {
+            warn!("API server stopped with {} request(s) unanswered", *active);
+        }
+        drop(active);
+        remove_if_ours(&self.path, self.identity);
+        info!("API server on {} stopped", self.path.display());
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn remove_if_ours(path: &Path, identity: Option<(u64, u64)>) {
+    match fs::symlink_metadata(path) {
+        Ok(m) if Some((m.dev(), m.ino())) == identity => {
+            if let Err(e) = fs::remove_file(path) {
+                warn!("cannot remove API socket {}: {e}", path.display());
+            }
+        }
+        Ok(_) => warn!("{} is no longer our API socket; leaving it", path.display()),
+        Err(_) => {}
+    }
+}
+
+/// Refuses if a live server answers at `path`; removes a stale socket.
+fn clear_stale(path: &Path) -> Result<(), ApiServerError> {
+    let probe = |source| ApiServerError::Probe {
+        path: path.to_path_buf(),
+        source,
+    };
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(probe(e)),
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(ApiServerError::NotASocket(path.to_path_buf()))
+        }
+        Ok(_) => {}
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(ApiServerError::AlreadyServing(path.to_path_buf())),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+            info!("removing stale API socket {}", path.display());
+            match fs::remove_file(path) {
+                Err(e) if e.kind() != ErrorKind::NotFound => Err(ApiServerError::RemoveStale {
+                    path: path.to_path_buf(),
+                    source: e,
+                }),
+                _ => Ok(()),
+            }
+        }
+        Err(e) => Err(probe(e)),
+    }
+}
+
+fn owner_only(path: &Path) -> io::Result<()> {
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+}
+
+/// Binds a socket at `path` that is 0600 from the moment the name exists.
+fn bind_private(path: &Path) -> Result<UnixListener, ApiServerError> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let err = |source| ApiServerError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = parent.join(format!(
+        ".hourglass-api-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(err)?;
+    let tmp = dir.join("s");
+    // Ok(listener): published. Err((e, true)): fall back to binding in place. Err((e, false)): fail.
+    let staged = match UnixListener::bind(&tmp) {
+        // The temporary path is too long for a socket address.
+        Err(e) if e.kind() == ErrorKind::InvalidInput => Err((e, true)),
+        Err(e) => Err((e, false)),
+        Ok(listener) => match owner_only(&tmp).and_then(|()| fs::hard_link(&tmp, path)) {
+            Ok(()) => Ok(listener),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Err((e, false)),
+            // A file system that cannot hard-link sockets.
+            Err(e) => Err((e, true)),
+        },
+    };
+    let _ = fs::remove_file(&tmp);
+    let _ = fs::remove_dir(&dir);
+    match staged {
+        Ok(listener) => Ok(listener),
+        Err((e, _)) if e.kind() == ErrorKind::AlreadyExists => {
+            // Someone took the name between our check and the link.
+            clear_stale(path)?;
+            Err(err(e))
+        }
+        Err((e, true)) => {
+            debug!("binding {} in place: {e}", path.display());
+            let listener = UnixListener::bind(path).map_err(err)?;
+            if let Err(e) = owner_only(path) {
+                let _ = fs::remove_file(path);
+                return Err(err(e));
+            }
+            Ok(listener)
+        }
+        Err((e, false)) => Err(err(e)),
+    }
+}
+
+fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
+    for stream in listener.incoming() {
+        if shared.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("API accept failed: {e}");
+                // Out of descriptors or similar: back off instead of spinning.
+                thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
+        {
+            let active = shared.active();
+            let mut active = shared
+                .changed
+                .wait_while(active, |n| {
+                    *n >= shared.limits.max_connections && !shared.stop.load(Ordering::SeqCst)
+                })
+                .unwrap_or_else(|p| p.into_inner());
+            if shared.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            *active += 1;
+        }
+        let conn_shared = Arc::clone(&shared);
+        let spawned = thread::Builder::new()
+            .name("hg-api-conn".into())
+            .spawn(move || {
+                serve_connection(stream, &conn_shared);
+                *conn_shared.active() -= 1;
+                conn_shared.changed.notify_all();
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start an API connection thread: {e}");
+            *shared.active() -= 1;
+            shared.changed.notify_all();
+        }
+    }
+}
+
+/// Formats a response: no reason phrase, `Connection: close`, and for a body
+/// `Content-Type: application/json` and `Content-Length`.
+pub fn format_response(status: u16, body: Option<&str>, allow: Option<&str>) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 {status} \r\nServer: Hourglass API\r\nConnection: close\r\n");
+    if let Some(allow) = allow {
+        out.push_str(&format!("Allow: {allow}\r\n"));
+    }
+    if let Some(body) = body {
+        out.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    } else {
+        out.push_str("\r\n");
+    }
+    out.into_bytes()
+}
+
+fn error_response(e: &ApiError, allow: Option<&str>) -> Vec<u8> {
+    format_response(e.status, Some(&e.body()), allow)
+}
+
+/// What reading a request produced.
+enum Incoming {
+    /// A full request.
+    Request {
+        method: String,
+        path: String,
+        body: Vec<u8>,
+    },
+    /// Answer with this error.
+    Reject(ApiError),
+    /// Drop the connection silently (timeout, or the client left before sending anything).
+    Hangup,
+}
+
+/// Reads into `buf` with the remaining time; `Ok(0)` on end of stream, `Err` on timeout.
+fn read_some(stream: &mut UnixStream, buf: &mut Vec<u8>, deadline: Instant) -> io::Result<usize> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(ErrorKind::TimedOut.into());
+    }
+    stream.set_read_timeout(Some(left))?;
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                return Ok(n);
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn read_request(stream: &mut UnixStream, limits: &ServerLimits) -> Incoming {
+    let deadline = Instant::now() + limits.read_timeout;
+    let mut buf = Vec::with_capacity(1024);
+    let (head_len, method, path, content_length, expect_continue) = loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(n)) => {
+                let (method, path) = (
+                    req.method.unwrap_or_default().to_string(),
+                    req.path.unwrap_or_default().to_string(),
+                );
+                if req
+                    .headers
+                    .iter()
+                    .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+                {
+                    return Incoming::Reject(ApiError::new(
+                        501,
+                        "Transfer-Encoding is not supported; send Content-Length",
+                    ));
+                }
+                let mut length: Option<usize> = None;
+                for h in req
+                    .headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+                {
+                    let text = String::from_utf8_lossy(h.value);
+                    let text = text.trim();
+                    let parsed = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+                        text.parse::<usize>().ok()
+                    } else {
+                        None
+                    };
+                    match (parsed, length) {
+                        (None, _) => {
+                            return Incoming::Reject(ApiError::bad_request(format!(
+                                "invalid Content-Length `{}`",
+                                text.escape_debug().take(40).collect::<String>()
+                            )))
+                        }
+                        (Some(a), Some(b)) if a != b => {
+                            return Incoming::Reject(ApiError::bad_request(
+                                "conflicting Content-Length headers",
+                            ))
+                        }
+                        (Some(a), _) => length = Some(a),
+                    }
+                }
+                let expect = req.headers.iter().any(|h| {
+                    h.name.eq_ignore_ascii_case("expect")
+                        && h.value.eq_ignore_ascii_case(b"100-continue")
+                });
+                break (n, method, path, length.unwrap_or(0), expect);
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(httparse::Error::TooManyHeaders) => {
+                return Incoming::Reject(ApiError::new(431, "too many request headers"))
+            }
+            Err(e) => {
+                return Incoming::Reject(ApiError::bad_request(format!("malformed request: {e}")))
+            }
+        }
+        if buf.len() > limits.max_head {
+            return Incoming::Reject(ApiError::new(
+                431,
+                format!("request line and headers exceed {} bytes", limits.max_head),
+            ));
+        }
+        match read_some(stream, &mut buf, deadline) {
+            Ok(0) if buf.is_empty() => return Incoming::Hangup,
+            Ok(0) => {
+                return Incoming::Reject(ApiError::bad_request(
+                    "malformed request: connection closed before the end of the headers",
+                ))
+            }
+            Ok(_) => {}
+            Err(e) => {
+                debug!("API request head not received: {e}");
+                return Incoming::Hangup;
+            }
+        }
+    };
+    if content_length > limits.max_body {
+        return Incoming::Reject(ApiError::new(
+            413,
+            format!(
+                "request body of {content_length} bytes exceeds the limit of {} bytes",
+                limits.max_body
+            ),
+        ));
+    }
+    let mut body = buf.split_off(head_len);
+    if expect_continue && body.len() < content_length {
+        let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+    }
+    while body.len() < content_length {
+        match read_some(stream, &mut body, deadline) {
+            Ok(0) => {
+                return Incoming::Reject(ApiError::bad_request(format!(
+                    "request body ended after {} of {content_length} bytes",
+                    body.len()
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => {
+                debug!("API request body not received: {e}");
+                return Incoming::Hangup;
+            }
+        }
+    }
+    body.truncate(content_length);
+    Incoming::Request { method, path, body }
+}
+
+fn serve_connection(mut stream: UnixStream, shared: &Shared) {
+    let limits = &shared.limits;
+    let response = match read_request(&mut stream, limits) {
+        Incoming::Hangup => return,
+        Incoming::Reject(e) => error_response(&e, None),
+        Incoming::Request { method, path, body } => match route(&method, &path, &body) {
+            Err(e) => {
+                let allow = if e.status == 405 {
+                    allowed_method(&path)
+                } else {
+                    None
+                };
+                error_response(&e, allow)
+            }
+            Ok(req) => {
+                let name = req.endpoint();
+                debug!("API request {name}");
+                let answer = panic::catch_unwind(AssertUnwindSafe(|| shared.handler.handle(req)))
+                    .unwrap_or_else(|_| {
+                        Err(ApiError::internal(format!(
+                            "internal error: the {name} handler panicked"
+                        )))
+                    });
+                match answer {
+                    Ok(ApiResponse::Empty) => format_response(204, None, None),
+                    Ok(ApiResponse::Json(v)) => format_response(200, Some(&v.to_string()), None),
+                    Err(e) => {
+                        info!("API request {name} failed: {e}");
+                        error_response(&e, None)
+                    }
+                }
+            }
+        },
+    };
+    let _ = stream.set_write_timeout(Some(limits.write_timeout));
+    if let Err(e) = stream.write_all(&response).and_then(|()| stream.flush()) {
+        debug!("API response not delivered: {e}");
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_shapes() {
+        assert_eq!(
+            format_response(204, None, None),
+            b"HTTP/1.1 204 \r\nServer: Hourglass API\r\nConnection: close\r\n\r\n"
+        );
+        assert_eq!(
+            String::from_utf8(format_response(200, Some("{\"a\":1}"), None)).unwrap(),
+            "HTTP/1.1 200 \r\nServer: Hourglass API\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: 7\r\n\r\n{\"a\":1}"
+        );
+        let r = String::from_utf8(error_response(&ApiError::new(405, "no"), Some("PUT"))).unwrap();
+        assert!(r.starts_with("HTTP/1.1 405 \r\n"));
+        assert!(r.contains("\r\nAllow: PUT\r\n"));
+        assert!(r.ends_with("Content-Length: 6\r\n\r\n[\"no\"]"));
+    }
+}
