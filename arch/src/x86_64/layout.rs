@@ -1,0 +1,109 @@
+//! The guest physical memory layout.
+//!
+//! ```text
+//! 0x0000_0000  RAM (low)
+//!   0x500      boot GDT (4 entries)
+//!   0x6000     PVH hvm_start_info
+//!   0x7000     PVH memory map (hvm_memmap_table_entry array)
+//!   0x9_fc00   end of low RAM in the memory map (EBDA above, reserved)
+//! 0x0010_0000  guest image (ELF segments at their physical addresses, normally 1 MiB)
+//!   ...        RAM up to min(size, 3 GiB)
+//! 0xc000_0000  32-bit MMIO hole (3 GiB .. 4 GiB), no RAM
+//! 0x1_0000_0000 the rest of RAM above 4 GiB
+//! ```
+
+use vm_memory::GuestAddress;
+
+/// Guest RAM starts at physical 0.
+pub const RAM_START: GuestAddress = GuestAddress(0);
+/// Boot GDT written for the PVH entry (null, code, data, TSS).
+pub const BOOT_GDT_START: GuestAddress = GuestAddress(0x500);
+/// Number of entries in the boot GDT.
+pub const BOOT_GDT_ENTRIES: usize = 4;
+/// Where the PVH `hvm_start_info` goes (EBX at the entry points here).
+pub const PVH_INFO_START: GuestAddress = GuestAddress(0x6000);
+/// Where the PVH memory map goes.
+pub const MEMMAP_START: GuestAddress = GuestAddress(0x7000);
+/// Maximum number of memory map entries.
+pub const MEMMAP_MAX_ENTRIES: usize = 8;
+/// End of usable low RAM (the EBDA and the legacy ROM area sit above it).
+pub const LOW_RAM_END: u64 = 0x9_fc00;
+/// Where guest images are loaded (ELF images give their own physical addresses; they must be at
+/// or above this).
+pub const HIGH_RAM_START: GuestAddress = GuestAddress(0x10_0000);
+/// Start of the 32-bit MMIO hole; RAM stops here and continues at 4 GiB.
+pub const MEM_32BIT_GAP_START: u64 = 0xc000_0000;
+/// End of the 32-bit MMIO hole.
+pub const MEM_32BIT_GAP_END: u64 = 0x1_0000_0000;
+/// The smallest guest memory size accepted (room for the boot structures and a small image).
+pub const MIN_MEMORY: u64 = 4 << 20;
+/// The largest guest memory size accepted (1 TiB).
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+// The boot structures sit below the image and do not overlap (checked at compile time).
+const _: () = {
+    assert!(BOOT_GDT_START.0 + (BOOT_GDT_ENTRIES as u64) * 8 <= PVH_INFO_START.0);
+    assert!(PVH_INFO_START.0 + 56 <= MEMMAP_START.0);
+    assert!(MEMMAP_START.0 + (MEMMAP_MAX_ENTRIES as u64) * 24 <= LOW_RAM_END);
+    assert!(LOW_RAM_END <= HIGH_RAM_START.0);
+};
+
+/// The RAM regions `(start, size)` for a guest of `size` bytes: one region below the 32-bit hole
+/// and, for more than 3 GiB, a second one from 4 GiB.
+pub fn ram_regions(size: u64) -> crate::Result<Vec<(GuestAddress, usize)>> {
+    if size < MIN_MEMORY {
+        return Err(crate::Error::MemorySize {
+            size,
+            reason: "below the 4 MiB minimum",
+        });
+    }
+    if size > MAX_MEMORY {
+        return Err(crate::Error::MemorySize {
+            size,
+            reason: "above the 1 TiB maximum",
+        });
+    }
+    if size & 0xfff != 0 {
+        return Err(crate::Error::MemorySize {
+            size,
+            reason: "not a multiple of 4 KiB",
+        });
+    }
+    if size <= MEM_32BIT_GAP_START {
+        return Ok(vec![(RAM_START, size as usize)]);
+    }
+    Ok(vec![
+        (RAM_START, MEM_32BIT_GAP_START as usize),
+        (
+            GuestAddress(MEM_32BIT_GAP_END),
+            (size - MEM_32BIT_GAP_START) as usize,
+        ),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_memory_is_one_region() {
+        let r = ram_regions(512 << 20).unwrap();
+        assert_eq!(r, vec![(GuestAddress(0), 512 << 20)]);
+    }
+
+    #[test]
+    fn large_memory_skips_the_hole() {
+        let r = ram_regions(4 << 30).unwrap();
+        assert_eq!(
+            r,
+            vec![(GuestAddress(0), 3 << 30), (GuestAddress(4 << 30), 1 << 30)]
+        );
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(ram_regions(1 << 20).is_err());
+        assert!(ram_regions((512 << 20) + 1).is_err());
+        assert!(ram_regions(2 << 40).is_err());
+    }
+}

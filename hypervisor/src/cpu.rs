@@ -1,0 +1,90 @@
+//! The `Vcpu` trait: what the VMM does with one virtual CPU.
+
+use crate::arch::{CpuIdEntry, MsrEntry, SpecialRegisters, StandardRegisters};
+use crate::tsc::VcpuTscReading;
+use crate::{HypervisorError, VcpuState};
+
+/// Why `Vcpu::run` returned. `port`/`addr` name the access, `data` holds its bytes.
+#[derive(Debug)]
+#[allow(missing_docs)]
+pub enum VmExit<'a> {
+    /// Port read: fill `data`.
+    IoIn { port: u16, data: &'a mut [u8] },
+    /// Port write.
+    IoOut { port: u16, data: &'a [u8] },
+    /// MMIO read: fill `data`.
+    MmioRead { addr: u64, data: &'a mut [u8] },
+    /// MMIO write.
+    MmioWrite { addr: u64, data: &'a [u8] },
+    /// The guest executed HLT (with no in-kernel halt handling).
+    Hlt,
+    /// Triple fault or shutdown request.
+    Shutdown,
+    /// A signal or `immediate_exit` interrupted the run (EINTR/EAGAIN): check for pause/stop.
+    Interrupted,
+    /// The guest asked for a reset (e.g. i8042 or KVM system event).
+    Reset,
+    /// Anything else, described for the log.
+    Other(String),
+}
+
+/// A `Send + Sync` handle that makes the owning vCPU's next or current `run` return
+/// `VmExit::Interrupted`: it sets the backend's immediate-exit flag. Pair it with a signal to
+/// the vCPU thread to break a run already in the kernel.
+pub trait VcpuKicker: Send + Sync {
+    /// Request (true) or clear (false) an immediate exit.
+    fn set(&self, exit: bool);
+}
+
+/// Result of writing a vCPU's TSC offset: what the host reports afterwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TscWriteBack {
+    /// The offset (`O + A_i`) read back after the write.
+    pub offset_read_back: u64,
+    /// The guest TSC read back via a host-initiated read of MSR_IA32_TSC.
+    pub guest_tsc: u64,
+    /// Host TSC just before that read.
+    pub host_tsc_before: u64,
+    /// Host TSC just after that read.
+    pub host_tsc_after: u64,
+}
+
+/// One virtual CPU. Owned by its vCPU thread; other threads only use it while it is parked.
+pub trait Vcpu: Send {
+    /// The vCPU index (also its initial APIC ID).
+    fn id(&self) -> u32;
+    /// Enter the guest until the next exit.
+    fn run(&mut self) -> Result<VmExit<'_>, HypervisorError>;
+    /// A handle other threads use to stop a run.
+    fn kicker(&mut self) -> std::sync::Arc<dyn VcpuKicker>;
+    /// Set the CPUID the guest sees.
+    fn set_cpuid(&self, entries: &[CpuIdEntry]) -> Result<(), HypervisorError>;
+    /// General-purpose registers.
+    fn regs(&self) -> Result<StandardRegisters, HypervisorError>;
+    /// Set general-purpose registers.
+    fn set_regs(&self, regs: &StandardRegisters) -> Result<(), HypervisorError>;
+    /// Special registers.
+    fn sregs(&self) -> Result<SpecialRegisters, HypervisorError>;
+    /// Set special registers.
+    fn set_sregs(&self, sregs: &SpecialRegisters) -> Result<(), HypervisorError>;
+    /// Read the listed MSRs (host-initiated).
+    fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>, HypervisorError>;
+    /// Write MSRs (host-initiated); all or an error.
+    fn set_msrs(&self, entries: &[MsrEntry]) -> Result<(), HypervisorError>;
+    /// Tell the guest (KVMCLOCK_CTRL) it was stopped by the host, so its watchdogs stay quiet.
+    fn notify_guest_clock_paused(&self) -> Result<(), HypervisorError>;
+    /// This vCPU's TSC offset (`O + A_i`) and TSC_ADJUST (`A_i`).
+    fn tsc_reading(&self) -> Result<VcpuTscReading, HypervisorError>;
+    /// Write this vCPU's offset (`O' + A_i`) and host-initiated TSC_ADJUST (`A_i`), then read back.
+    fn set_tsc(&self, offset: u64, tsc_adjust: u64) -> Result<TscWriteBack, HypervisorError>;
+    /// The TSC frequency the backend reports for this vCPU, kHz (low level: after a failed
+    /// `set_tsc_khz` KVM reports the *requested* value; use `TscState::guest_tsc_khz`).
+    fn tsc_khz(&self) -> Result<u32, HypervisorError>;
+    /// Set this vCPU's TSC frequency (low level: use `TscState::set_guest_tsc_khz`, which checks
+    /// first and keeps every vCPU consistent).
+    fn set_tsc_khz(&self, khz: u32) -> Result<(), HypervisorError>;
+    /// Everything needed to recreate this vCPU (pieces the host lacks are recorded as absent).
+    fn state(&self) -> Result<VcpuState, HypervisorError>;
+    /// Restore a saved state (TSC and clock are restored separately through `TscState`).
+    fn set_state(&self, state: &VcpuState) -> Result<(), HypervisorError>;
+}

@@ -1,0 +1,477 @@
+//! [`KvmVcpu`]: one KVM vCPU, its run loop, its kicker and its saved state.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_run, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::arch::{msr, CpuIdEntry, MsrEntry, SpecialRegisters, StandardRegisters};
+use crate::cpu::{TscWriteBack, Vcpu, VcpuKicker, VmExit};
+use crate::kvm::x86_64::vendor::AFTER_TSC_MSRS;
+use crate::kvm::x86_64::{attr, convert};
+use crate::kvm::{bracketed_guest_tsc, clock};
+use crate::tsc::VcpuTscReading;
+use crate::{HypervisorError, VcpuState};
+
+/// What a VM's vCPUs may use, probed once per VM.
+#[derive(Debug)]
+pub(crate) struct VcpuCaps {
+    pub tsc_offset_attr: bool,
+    pub saved_msrs: Vec<u32>,
+    pub xsave: bool,
+    pub xcrs: bool,
+    pub events: bool,
+    pub nested_state: bool,
+    pub mmap_size: usize,
+}
+
+/// Sets `kvm_run.immediate_exit` of one vCPU from any thread.
+///
+/// It owns its **own** shared mapping of the vCPU's `kvm_run` page (a second `mmap` of the vCPU
+/// fd), so it stays valid for as long as the kicker lives, whether or not the `KvmVcpu` (and its
+/// own mapping) has been dropped: the mapping holds a reference to the vCPU file.
+pub struct KvmKicker {
+    base: NonNull<libc::c_void>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value and only accessed through an atomic byte store;
+// the kernel and the vCPU thread read the byte concurrently, which is what it is for.
+unsafe impl Send for KvmKicker {}
+// SAFETY: as above; `set` takes `&self` and performs a single atomic store.
+unsafe impl Sync for KvmKicker {}
+
+impl KvmKicker {
+    fn new(fd: &VcpuFd, mmap_size: usize) -> Result<Self, HypervisorError> {
+        use std::os::unix::io::AsRawFd;
+        let len = std::mem::size_of::<kvm_run>().min(mmap_size);
+        // SAFETY: mapping `len` bytes of the vCPU fd at offset 0 is how KVM exposes kvm_run;
+        // we check the result and unmap it in Drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(HypervisorError::ioctl(
+                "mmap(kvm_run)",
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+            ));
+        }
+        let base = NonNull::new(p)
+            .ok_or_else(|| HypervisorError::ioctl("mmap(kvm_run)", libc::ENOMEM))?;
+        Ok(KvmKicker { base, len })
+    }
+}
+
+impl VcpuKicker for KvmKicker {
+    fn set(&self, exit: bool) {
+        let off = std::mem::offset_of!(kvm_run, immediate_exit);
+        // SAFETY: `off` is inside the mapped kvm_run (len >= size_of::<kvm_run>() or the whole
+        // mmap), the mapping lives as long as `self`, and the byte is only accessed atomically
+        // from user space.
+        let byte = unsafe { AtomicU8::from_ptr(self.base.as_ptr().cast::<u8>().add(off)) };
+        byte.store(u8::from(exit), Ordering::SeqCst);
+    }
+}
+
+impl Drop for KvmKicker {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` are exactly the mapping made in `new`, unmapped once here.
+        unsafe { libc::munmap(self.base.as_ptr(), self.len) };
+    }
+}
+
+/// One KVM vCPU.
+pub struct KvmVcpu {
+    id: u32,
+    fd: VcpuFd,
+    caps: Arc<VcpuCaps>,
+    kicker: Arc<KvmKicker>,
+    /// MSRs from `set_state` that must wait until the TSC is in place (TSC_DEADLINE).
+    after_tsc: Mutex<Vec<MsrEntry>>,
+}
+
+impl KvmVcpu {
+    pub(crate) fn new(id: u32, fd: VcpuFd, caps: Arc<VcpuCaps>) -> Result<Self, HypervisorError> {
+        let kicker = Arc::new(KvmKicker::new(&fd, caps.mmap_size)?);
+        Ok(KvmVcpu {
+            id,
+            fd,
+            caps,
+            kicker,
+            after_tsc: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The kvm-ioctls vCPU handle (for embedders that need more than the traits).
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+
+    /// Read MSRs; with `lenient`, skip the ones the host refuses instead of failing.
+    fn read_msrs(&self, indices: &[u32], lenient: bool) -> Result<Vec<MsrEntry>, HypervisorError> {
+        let mut out = Vec::with_capacity(indices.len());
+        let mut rest = indices;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
+            let entries: Vec<kvm_msr_entry> = chunk
+                .iter()
+                .map(|i| kvm_msr_entry {
+                    index: *i,
+                    ..Default::default()
+                })
+                .collect();
+            let mut m = Msrs::from_entries(&entries)
+                .map_err(|_| HypervisorError::InvalidArgument("too many MSRs".into()))?;
+            let n = self
+                .fd
+                .get_msrs(&mut m)
+                .map_err(|e| HypervisorError::ioctl("KVM_GET_MSRS", e.errno()))?;
+            out.extend(m.as_slice()[..n].iter().map(|e| MsrEntry {
+                index: e.index,
+                data: e.data,
+            }));
+            if n < chunk.len() {
+                if !lenient {
+                    return Err(HypervisorError::Unsupported(format!(
+                        "vCPU {}: KVM_GET_MSRS refused MSR {:#x}",
+                        self.id, chunk[n]
+                    )));
+                }
+                log::debug!("vCPU {}: MSR {:#x} not readable, skipped", self.id, chunk[n]);
+                rest = &rest[n + 1..];
+            } else {
+                rest = &rest[chunk.len()..];
+            }
+        }
+        Ok(out)
+    }
+
+    fn write_msrs(&self, entries: &[MsrEntry]) -> Result<(), HypervisorError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let k: Vec<kvm_msr_entry> = entries.iter().map(convert::msr_to_kvm).collect();
+        let m = Msrs::from_entries(&k)
+            .map_err(|_| HypervisorError::InvalidArgument("too many MSRs".into()))?;
+        let n = self
+            .fd
+            .set_msrs(&m)
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_MSRS", e.errno()))?;
+        if n != entries.len() {
+            return Err(HypervisorError::Unsupported(format!(
+                "vCPU {}: KVM_SET_MSRS refused MSR {:#x} (wrote {n} of {})",
+                self.id,
+                entries[n].index,
+                entries.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Write the MSRs `set_state` held back until the TSC was in place.
+    fn flush_after_tsc(&self) -> Result<(), HypervisorError> {
+        let pending = std::mem::take(&mut *self.after_tsc.lock().unwrap_or_else(|e| e.into_inner()));
+        self.write_msrs(&pending)
+    }
+}
+
+impl Vcpu for KvmVcpu {
+    fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Runs until the next exit. `EINTR`/`EAGAIN` (a signal, or the kicker's immediate exit)
+    /// give [`VmExit::Interrupted`], and the immediate-exit flag is cleared here: a caller sets
+    /// its own "pause/stop requested" state *before* kicking and checks it on `Interrupted`.
+    fn run(&mut self) -> Result<VmExit<'_>, HypervisorError> {
+        let kicker = &self.kicker;
+        let id = self.id;
+        match self.fd.run() {
+            Ok(exit) => Ok(match exit {
+                VcpuExit::IoIn(port, data) => VmExit::IoIn { port, data },
+                VcpuExit::IoOut(port, data) => VmExit::IoOut { port, data },
+                VcpuExit::MmioRead(addr, data) => VmExit::MmioRead { addr, data },
+                VcpuExit::MmioWrite(addr, data) => VmExit::MmioWrite { addr, data },
+                VcpuExit::Hlt => VmExit::Hlt,
+                VcpuExit::Shutdown => VmExit::Shutdown,
+                VcpuExit::Intr => {
+                    kicker.set(false);
+                    VmExit::Interrupted
+                }
+                VcpuExit::SystemEvent(kind, _) => match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::Shutdown,
+                    other => VmExit::Other(format!("vCPU {id}: system event {other}")),
+                },
+                other => VmExit::Other(format!("vCPU {id}: {other:?}")),
+            }),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                kicker.set(false);
+                Ok(VmExit::Interrupted)
+            }
+            Err(e) => Err(HypervisorError::ioctl("KVM_RUN", e.errno())),
+        }
+    }
+
+    fn kicker(&mut self) -> Arc<dyn VcpuKicker> {
+        self.kicker.clone()
+    }
+
+    fn set_cpuid(&self, entries: &[CpuIdEntry]) -> Result<(), HypervisorError> {
+        let k: Vec<_> = entries.iter().map(convert::cpuid_to_kvm).collect();
+        let c = kvm_bindings::CpuId::from_entries(&k).map_err(|_| {
+            HypervisorError::InvalidArgument(format!("{} CPUID entries is too many", k.len()))
+        })?;
+        self.fd
+            .set_cpuid2(&c)
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_CPUID2", e.errno()))
+    }
+
+    fn regs(&self) -> Result<StandardRegisters, HypervisorError> {
+        let r = self
+            .fd
+            .get_regs()
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_REGS", e.errno()))?;
+        Ok(convert::regs_from_kvm(&r))
+    }
+
+    fn set_regs(&self, regs: &StandardRegisters) -> Result<(), HypervisorError> {
+        self.fd
+            .set_regs(&convert::regs_to_kvm(regs))
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_REGS", e.errno()))
+    }
+
+    fn sregs(&self) -> Result<SpecialRegisters, HypervisorError> {
+        let s = self
+            .fd
+            .get_sregs()
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_SREGS", e.errno()))?;
+        Ok(convert::sregs_from_kvm(&s))
+    }
+
+    fn set_sregs(&self, sregs: &SpecialRegisters) -> Result<(), HypervisorError> {
+        self.fd
+            .set_sregs(&convert::sregs_to_kvm(sregs))
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_SREGS", e.errno()))
+    }
+
+    fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>, HypervisorError> {
+        self.read_msrs(indices, false)
+    }
+
+    /// Writes all entries or fails naming the refused MSR. A write of MSR_IA32_TSC (the
+    /// fallback TSC restore) also writes the MSRs held back by `set_state`, after it.
+    fn set_msrs(&self, entries: &[MsrEntry]) -> Result<(), HypervisorError> {
+        self.write_msrs(entries)?;
+        if entries.iter().any(|e| e.index == msr::IA32_TSC) {
+            self.flush_after_tsc()?;
+        }
+        Ok(())
+    }
+
+    fn notify_guest_clock_paused(&self) -> Result<(), HypervisorError> {
+        match self.fd.kvmclock_ctrl() {
+            Ok(()) => Ok(()),
+            // EINVAL: the guest has not enabled kvmclock; nothing to tell it.
+            Err(e) if e.errno() == libc::EINVAL => Ok(()),
+            Err(e) => Err(HypervisorError::ioctl("KVM_KVMCLOCK_CTRL", e.errno())),
+        }
+    }
+
+    /// `O + A_i` from KVM_VCPU_TSC_OFFSET, and `A_i` from a host-initiated TSC_ADJUST read.
+    /// Without the attribute the offset is derived from a bracketed MSR_IA32_TSC read against
+    /// the host TSC, which is only exact for an unscaled guest.
+    fn tsc_reading(&self) -> Result<VcpuTscReading, HypervisorError> {
+        let offset = if self.caps.tsc_offset_attr {
+            attr::tsc_offset(&self.fd)?
+        } else {
+            let (h0, g, h1) = bracketed_guest_tsc(&self.fd)?;
+            g.wrapping_sub(h0.wrapping_add(h1.wrapping_sub(h0) / 2))
+        };
+        let adj = self.read_msrs(&[msr::IA32_TSC_ADJUST], false)?;
+        Ok(VcpuTscReading {
+            offset,
+            tsc_adjust: adj[0].data,
+        })
+    }
+
+    fn set_tsc(&self, offset: u64, tsc_adjust: u64) -> Result<TscWriteBack, HypervisorError> {
+        if !self.caps.tsc_offset_attr {
+            return Err(HypervisorError::Unsupported(
+                "KVM_VCPU_TSC_OFFSET is missing (kernel older than 5.16): use MSR_IA32_TSC".into(),
+            ));
+        }
+        attr::set_tsc_offset(&self.fd, offset)?;
+        self.write_msrs(&[MsrEntry {
+            index: msr::IA32_TSC_ADJUST,
+            data: tsc_adjust,
+        }])?;
+        self.flush_after_tsc()?;
+        let offset_read_back = attr::tsc_offset(&self.fd)?;
+        let (host_tsc_before, guest_tsc, host_tsc_after) = bracketed_guest_tsc(&self.fd)?;
+        Ok(TscWriteBack {
+            offset_read_back,
+            guest_tsc,
+            host_tsc_before,
+            host_tsc_after,
+        })
+    }
+
+    fn tsc_khz(&self) -> Result<u32, HypervisorError> {
+        self.fd
+            .get_tsc_khz()
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_TSC_KHZ", e.errno()))
+    }
+
+    fn set_tsc_khz(&self, khz: u32) -> Result<(), HypervisorError> {
+        self.fd
+            .set_tsc_khz(khz)
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_TSC_KHZ", e.errno()))
+    }
+
+    fn state(&self) -> Result<VcpuState, HypervisorError> {
+        let regs = self.regs()?;
+        let sregs = self.sregs()?;
+        let msrs = self.read_msrs(&self.caps.saved_msrs, true)?;
+        let lapic = self
+            .fd
+            .get_lapic()
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_LAPIC", e.errno()))?;
+        let xsave = if self.caps.xsave {
+            let x = self
+                .fd
+                .get_xsave()
+                .map_err(|e| HypervisorError::ioctl("KVM_GET_XSAVE", e.errno()))?;
+            Some(x.region.to_vec())
+        } else {
+            None
+        };
+        let xcrs = if self.caps.xcrs {
+            let x = self
+                .fd
+                .get_xcrs()
+                .map_err(|e| HypervisorError::ioctl("KVM_GET_XCRS", e.errno()))?;
+            Some(convert::xcrs_from_kvm(&x))
+        } else {
+            None
+        };
+        let events = if self.caps.events {
+            let e = self
+                .fd
+                .get_vcpu_events()
+                .map_err(|e| HypervisorError::ioctl("KVM_GET_VCPU_EVENTS", e.errno()))?;
+            Some(convert::events_from_kvm(&e))
+        } else {
+            None
+        };
+        let mp = self
+            .fd
+            .get_mp_state()
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_MP_STATE", e.errno()))?;
+        // Only where KVM_CAP_NESTED_STATE says the host has it: KVM_GET_NESTED_STATE fails with
+        // EINVAL on hosts that report 0.
+        let nested = if self.caps.nested_state {
+            let mut buf = kvm_bindings::nested::KvmNestedStateBuffer::empty();
+            match self.fd.nested_state(&mut buf) {
+                Ok(Some(_)) => Some(serde_json::to_vec(&buf).map_err(|e| {
+                    HypervisorError::InvalidArgument(format!("nested state encoding: {e}"))
+                })?),
+                Ok(None) => None,
+                Err(e) => return Err(HypervisorError::ioctl("KVM_GET_NESTED_STATE", e.errno())),
+            }
+        } else {
+            None
+        };
+        Ok(VcpuState {
+            id: self.id,
+            regs,
+            sregs,
+            msrs,
+            lapic: Some(lapic.regs.iter().map(|b| *b as u8).collect()),
+            xsave,
+            xcrs,
+            events,
+            mp_state: Some(mp.mp_state),
+            nested,
+        })
+    }
+
+    /// Restores registers, LAPIC, events and MSRs. MSRs interpreted against the TSC
+    /// (TSC_DEADLINE) are held back and written right after the TSC, by `set_tsc` (or a
+    /// `set_msrs` of MSR_IA32_TSC), as [`crate::kvm::x86_64::vendor::RESTORE_ORDER`] requires.
+    fn set_state(&self, state: &VcpuState) -> Result<(), HypervisorError> {
+        state.validate()?;
+        if state.nested.is_some() && !self.caps.nested_state {
+            return Err(HypervisorError::Unsupported(format!(
+                "vCPU {}: the state holds nested-virtualisation state but this host has no \
+                 KVM_CAP_NESTED_STATE",
+                self.id
+            )));
+        }
+        self.set_sregs(&state.sregs)?;
+        self.set_regs(&state.regs)?;
+        if let Some(x) = &state.xsave {
+            let mut k = kvm_bindings::kvm_xsave::default();
+            k.region.copy_from_slice(x);
+            // SAFETY: `k` is a full legacy kvm_xsave (4 KiB region, no extra area), which is
+            // what KVM_SET_XSAVE reads.
+            unsafe { self.fd.set_xsave(&k) }
+                .map_err(|e| HypervisorError::ioctl("KVM_SET_XSAVE", e.errno()))?;
+        }
+        if let Some(x) = &state.xcrs {
+            let k = convert::xcrs_to_kvm(x)
+                .ok_or_else(|| HypervisorError::InvalidArgument("more than 16 XCRs".into()))?;
+            self.fd
+                .set_xcrs(&k)
+                .map_err(|e| HypervisorError::ioctl("KVM_SET_XCRS", e.errno()))?;
+        }
+        if let Some(l) = &state.lapic {
+            let mut k = kvm_lapic_state::default();
+            for (d, s) in k.regs.iter_mut().zip(l) {
+                *d = *s as _;
+            }
+            self.fd
+                .set_lapic(&k)
+                .map_err(|e| HypervisorError::ioctl("KVM_SET_LAPIC", e.errno()))?;
+        }
+        let (after, now): (Vec<MsrEntry>, Vec<MsrEntry>) = state
+            .msrs
+            .iter()
+            .partition(|m| AFTER_TSC_MSRS.contains(&m.index));
+        self.write_msrs(&now)?;
+        *self.after_tsc.lock().unwrap_or_else(|e| e.into_inner()) = after;
+        if let Some(e) = &state.events {
+            self.fd
+                .set_vcpu_events(&convert::events_to_kvm(e))
+                .map_err(|e| HypervisorError::ioctl("KVM_SET_VCPU_EVENTS", e.errno()))?;
+        }
+        if let Some(n) = &state.nested {
+            let buf: kvm_bindings::nested::KvmNestedStateBuffer = serde_json::from_slice(n)
+                .map_err(|e| HypervisorError::InvalidArgument(format!("vcpu_state.nested: {e}")))?;
+            self.fd
+                .set_nested_state(&buf)
+                .map_err(|e| HypervisorError::ioctl("KVM_SET_NESTED_STATE", e.errno()))?;
+        }
+        if let Some(mp) = state.mp_state {
+            self.fd
+                .set_mp_state(kvm_mp_state { mp_state: mp })
+                .map_err(|e| HypervisorError::ioctl("KVM_SET_MP_STATE", e.errno()))?;
+        }
+        Ok(())
+    }
+}
+
+/// The host TSC now (re-exported for tests and benches that bracket guest reads).
+pub fn host_tsc() -> u64 {
+    clock::rdtsc()
+}

@@ -1,0 +1,175 @@
+//! Intel VMX and AMD SVM under KVM, as one table.
+//!
+//! Everything that differs between the two lives in [`PROFILES`], as data: the scaling format
+//! (taken from [`crate::tsc::Vendor::scaling`]), where the hardware keeps ratio and offset, and
+//! the vendor-specific MSRs saved with a vCPU. Code elsewhere asks [`profile`] instead of
+//! branching on the vendor.
+//!
+//! Both vendors save TSC_AUX (0xC0000103) per vCPU, and both restore in the order of
+//! [`RESTORE_ORDER`]: TSC_DEADLINE only once the TSC is in place, because KVM converts the
+//! deadline against the current guest TSC when it is written.
+
+use crate::arch::msr;
+use crate::tsc::{ScalingSpec, Vendor};
+
+/// One step of restoring a vCPU's time-related state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreStep {
+    /// Registers, LAPIC, events and every MSR not listed below.
+    Ordinary,
+    /// The TSC: `KVM_VCPU_TSC_OFFSET` (or an `MSR_IA32_TSC` write) and TSC_ADJUST.
+    Tsc,
+    /// MSRs that are interpreted against the TSC ([`AFTER_TSC_MSRS`]).
+    AfterTsc,
+}
+
+/// The order of [`RestoreStep`]s, the same on both vendors.
+pub const RESTORE_ORDER: [RestoreStep; 3] =
+    [RestoreStep::Ordinary, RestoreStep::Tsc, RestoreStep::AfterTsc];
+
+/// MSRs written only after the TSC is restored.
+pub const AFTER_TSC_MSRS: &[u32] = &[msr::IA32_TSC_DEADLINE];
+
+/// MSRs owned by the TSC snapshot, never saved in a vCPU state.
+pub const TSC_MSRS: &[u32] = &[msr::IA32_TSC, msr::IA32_TSC_ADJUST];
+
+/// MSRs saved on both vendors (filtered by the host's KVM_GET_MSR_INDEX_LIST).
+pub const COMMON_MSRS: &[u32] = &[
+    0x174,       // IA32_SYSENTER_CS
+    0x175,       // IA32_SYSENTER_ESP
+    0x176,       // IA32_SYSENTER_EIP
+    0x1a0,       // IA32_MISC_ENABLE
+    0x277,       // IA32_PAT
+    0x2ff,       // IA32_MTRR_DEF_TYPE
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0102, // KERNEL_GS_BASE
+    msr::TSC_AUX,
+    msr::IA32_TSC_DEADLINE,
+    0xda0, // IA32_XSS
+    msr::KVM_WALL_CLOCK_NEW,
+    msr::KVM_SYSTEM_TIME_NEW,
+    0x4b56_4d02, // MSR_KVM_ASYNC_PF_EN
+    0x4b56_4d03, // MSR_KVM_STEAL_TIME
+    0x4b56_4d04, // MSR_KVM_PV_EOI_EN
+    0x4b56_4d05, // MSR_KVM_POLL_CONTROL
+    0x4b56_4d06, // MSR_KVM_ASYNC_PF_INT
+];
+
+/// One vendor's row.
+#[derive(Debug)]
+pub struct VendorProfile {
+    /// The vendor.
+    pub vendor: Vendor,
+    /// The virtualisation extension's name, for logs and reports.
+    pub extension: &'static str,
+    /// Where the hardware keeps the TSC ratio.
+    pub ratio_location: &'static str,
+    /// Where the hardware keeps the TSC offset.
+    pub offset_location: &'static str,
+    /// MSRs saved only on this vendor (filtered by the host's list like [`COMMON_MSRS`]).
+    pub extra_msrs: &'static [u32],
+}
+
+/// The table.
+pub const PROFILES: [VendorProfile; 2] = [
+    VendorProfile {
+        vendor: Vendor::Intel,
+        extension: "VMX",
+        ratio_location: "VMCS TSC multiplier",
+        offset_location: "VMCS TSC offset",
+        extra_msrs: &[
+            0x3a,  // IA32_FEATURE_CONTROL
+            0xe1,  // IA32_UMWAIT_CONTROL
+            0x122, // IA32_TSX_CTRL
+        ],
+    },
+    VendorProfile {
+        vendor: Vendor::Amd,
+        extension: "SVM",
+        ratio_location: "MSR 0xC0000104 (TSC ratio)",
+        offset_location: "VMCB TSC offset",
+        extra_msrs: &[
+            0xc001_0015, // HWCR
+            0xc001_011f, // VIRT_SPEC_CTRL
+        ],
+    },
+];
+
+/// The row of `vendor`.
+pub fn profile(vendor: Vendor) -> &'static VendorProfile {
+    match vendor {
+        Vendor::Intel => &PROFILES[0],
+        Vendor::Amd => &PROFILES[1],
+    }
+}
+
+impl VendorProfile {
+    /// The vendor's scaling format.
+    pub fn scaling(&self) -> ScalingSpec {
+        self.vendor.scaling()
+    }
+
+    /// The MSRs to save for a vCPU: common + vendor extras that `host_list` contains, in table
+    /// order, never the TSC MSRs.
+    pub fn saved_msrs(&self, host_list: &[u32]) -> Vec<u32> {
+        COMMON_MSRS
+            .iter()
+            .chain(self.extra_msrs)
+            .copied()
+            .filter(|m| host_list.contains(m) && !TSC_MSRS.contains(m))
+            .collect()
+    }
+}
+
+/// The host CPU's vendor from CPUID leaf 0, or `None` for a CPU that is neither.
+pub fn host_vendor() -> Option<Vendor> {
+    // CPUID leaf 0 is available on every x86_64 CPU and has no side effects.
+    let r = core::arch::x86_64::__cpuid(0);
+    let mut s = [0u8; 12];
+    s[0..4].copy_from_slice(&r.ebx.to_le_bytes());
+    s[4..8].copy_from_slice(&r.edx.to_le_bytes());
+    s[8..12].copy_from_slice(&r.ecx.to_le_bytes());
+    Vendor::from_cpuid_vendor(&s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_match_their_vendor_and_scaling() {
+        for v in Vendor::ALL {
+            let p = profile(v);
+            assert_eq!(p.vendor, v);
+            assert_eq!(p.scaling(), v.scaling());
+        }
+        assert_eq!(profile(Vendor::Intel).scaling().frac_bits, 48);
+        assert_eq!(profile(Vendor::Amd).scaling().frac_bits, 32);
+    }
+
+    #[test]
+    fn saved_msrs_keep_tsc_aux_drop_tsc_and_follow_host_list() {
+        let host = [msr::TSC_AUX, msr::IA32_TSC, msr::IA32_TSC_ADJUST, 0x3a, 0xc001_0015];
+        let intel = profile(Vendor::Intel).saved_msrs(&host);
+        assert_eq!(intel, vec![msr::TSC_AUX, 0x3a]);
+        let amd = profile(Vendor::Amd).saved_msrs(&host);
+        assert_eq!(amd, vec![msr::TSC_AUX, 0xc001_0015]);
+    }
+
+    #[test]
+    fn deadline_restored_after_tsc() {
+        let pos = |s| RESTORE_ORDER.iter().position(|x| *x == s).unwrap();
+        assert!(pos(RestoreStep::Tsc) < pos(RestoreStep::AfterTsc));
+        assert!(AFTER_TSC_MSRS.contains(&msr::IA32_TSC_DEADLINE));
+        assert!(COMMON_MSRS.contains(&msr::TSC_AUX));
+    }
+
+    #[test]
+    fn this_host_has_a_known_vendor() {
+        // Every machine this project runs on is Intel or AMD; a None here is a table bug.
+        assert!(host_vendor().is_some(), "CPUID vendor not in the table");
+    }
+}

@@ -1,0 +1,47 @@
+//! The `Vm` trait and the `TscState` trait (guest time at freeze and thaw).
+
+use crate::cpu::Vcpu;
+use crate::tsc::{Capture, ClockPolicy, ClockReport, TscSnapshot};
+use crate::{HypervisorError, TscCapabilities};
+
+/// Guest time across a freeze and a thaw, with one VM-wide TSC offset.
+///
+/// Call `freeze` with every vCPU stopped; call `thaw` before any vCPU runs again.
+pub trait TscState {
+    /// What the host can do, as probed (never assumed).
+    fn tsc_capabilities(&self) -> TscCapabilities;
+    /// Ask for a guest TSC frequency; refused before anything changes when the host cannot run
+    /// it within KVM's 250 ppm window.
+    fn set_guest_tsc_khz(&self, vcpus: &[&dyn Vcpu], khz: u32) -> Result<(), HypervisorError>;
+    /// The guest TSC frequency in kHz.
+    fn guest_tsc_khz(&self) -> u32;
+    /// Capture guest time from one host sample.
+    fn freeze(&self, vcpus: &[&dyn Vcpu]) -> Result<Capture, HypervisorError>;
+    /// Restore guest time under `policy`, verify by read-back, and report what was applied.
+    fn thaw(
+        &self,
+        vcpus: &[&dyn Vcpu],
+        snapshot: &TscSnapshot,
+        policy: ClockPolicy,
+    ) -> Result<ClockReport, HypervisorError>;
+}
+
+/// One virtual machine.
+pub trait Vm: TscState + Send + Sync {
+    /// Create vCPU `id` (its APIC ID is `id`).
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>, HypervisorError>;
+    /// Map guest memory.
+    ///
+    /// # Safety
+    /// `host_addr..host_addr+size` must stay mapped and writable for as long as the VM lives.
+    unsafe fn set_user_memory_region(
+        &self,
+        slot: u32,
+        guest_phys_addr: u64,
+        size: u64,
+        host_addr: u64,
+        dirty_log: bool,
+    ) -> Result<(), HypervisorError>;
+    /// The dirty-page bitmap of a slot (one bit per 4 KiB page), reset by the read.
+    fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, HypervisorError>;
+}

@@ -1,0 +1,439 @@
+//! Guest time on the real /dev/kvm: a 4-vCPU VM running a tiny real-mode guest (RDTSC + OUT),
+//! frozen and thawed under both policies.
+//!
+//! Tests named `nested_*` need a KVM that honours TSC offsets (run them inside the nested
+//! kvm_amd with `scripts/nested-kvm.sh`); elsewhere they print why they skip, and fail if
+//! `HOURGLASS_NESTED=1` says they must run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hypervisor::arch::msr;
+use hypervisor::cpu::Vcpu;
+use hypervisor::hypervisor::Hypervisor;
+use hypervisor::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
+use hypervisor::tsc::{
+    cycles_to_ns, pvclock_scale_delta, AppliedPolicy, ClockPolicy, RawTscSnapshot, TscSnapshot,
+};
+use hypervisor::vm::{TscState, Vm};
+use hypervisor::{HypervisorError, VmExit};
+
+const MEM_SIZE: usize = 0x10000;
+const CODE_GPA: u64 = 0x1000;
+const PVCLOCK_GPA: u64 = 0x3000;
+
+/// The guest (16-bit real mode, at CODE_GPA; `as --32` + objdump):
+///
+/// ```text
+///   test %ebp,%ebp ; je 1f              if ebp != 0: guest WRMSR TSC_ADJUST = esi:edi
+///   mov $0x3b,%ecx ; mov %edi,%eax ; mov %esi,%edx ; wrmsr
+/// 1: test %ebx,%ebx ; je 2f             if ebx != 0: enable kvmclock at ebx
+///   mov $0x4b564d01,%ecx ; mov %ebx,%eax ; or $1,%eax ; xor %edx,%edx ; wrmsr
+/// 2: rdtsc ; out %eax,$0x10 ; mov %edx,%eax ; out %eax,$0x11 ; jmp 2b
+/// ```
+const GUEST: [u8; 0x37] = [
+    0x66, 0x85, 0xed, 0x74, 0x0e, 0x66, 0xb9, 0x3b, 0x00, 0x00, 0x00, 0x66, 0x89, 0xf8, 0x66,
+    0x89, 0xf2, 0x0f, 0x30, 0x66, 0x85, 0xdb, 0x74, 0x12, 0x66, 0xb9, 0x01, 0x4d, 0x56, 0x4b,
+    0x66, 0x89, 0xd8, 0x66, 0x83, 0xc8, 0x01, 0x66, 0x31, 0xd2, 0x0f, 0x30, 0x0f, 0x31, 0x66,
+    0xe7, 0x10, 0x66, 0x89, 0xd0, 0x66, 0xe7, 0x11, 0xeb, 0xf3,
+];
+
+struct Mem(*mut u8);
+
+impl Drop for Mem {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `Guest::new`, unmapped once.
+        unsafe { libc::munmap(self.0.cast(), MEM_SIZE) };
+    }
+}
+
+/// A VM with `n` vCPUs running GUEST; fields drop in order (vCPUs, VM, then memory).
+struct Guest {
+    vcpus: Vec<KvmVcpu>,
+    vm: Arc<KvmVm>,
+    hv: KvmHypervisor,
+    mem: Mem,
+}
+
+fn kvm_or_skip() -> Option<KvmHypervisor> {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        println!("skipped: /dev/kvm is absent on this host");
+        return None;
+    }
+    Some(KvmHypervisor::new().expect("open /dev/kvm"))
+}
+
+impl Guest {
+    /// `tsc_adjust[i]`: a value the guest itself writes to its TSC_ADJUST first (0 = none).
+    fn new(hv: KvmHypervisor, n: u32, tsc_adjust: &[u64]) -> Guest {
+        // SAFETY: anonymous private mapping, checked below, unmapped by `Mem`.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MEM_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_ANONYMOUS | libc::MAP_PRIVATE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let mem = Mem(p.cast());
+        // SAFETY: CODE_GPA + GUEST.len() is inside the fresh MEM_SIZE mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(GUEST.as_ptr(), mem.0.add(CODE_GPA as usize), GUEST.len())
+        };
+        let vm = Arc::new(hv.create_kvm_vm().expect("create VM"));
+        // SAFETY: `mem` outlives the VM (field order of Guest).
+        unsafe { vm.set_user_memory_region(0, 0, MEM_SIZE as u64, mem.0 as u64, false) }
+            .expect("memory");
+        let cpuid = hv.supported_cpuid().expect("cpuid");
+        let vcpus = (0..n)
+            .map(|i| {
+                let v = vm.create_kvm_vcpu(i).expect("vcpu");
+                v.set_cpuid(&cpuid).expect("set cpuid");
+                let mut s = v.sregs().unwrap();
+                s.cs.base = 0;
+                s.cs.selector = 0;
+                v.set_sregs(&s).unwrap();
+                let mut r = v.regs().unwrap();
+                r.rip = CODE_GPA;
+                r.rflags = 2;
+                r.rbx = PVCLOCK_GPA + 32 * u64::from(i);
+                let a = tsc_adjust.get(i as usize).copied().unwrap_or(0);
+                r.rbp = u64::from(a != 0);
+                r.rdi = a & 0xffff_ffff;
+                r.rsi = a >> 32;
+                v.set_regs(&r).unwrap();
+                v
+            })
+            .collect();
+        Guest { vcpus, vm, hv, mem }
+    }
+
+    fn refs(&self) -> Vec<&dyn Vcpu> {
+        self.vcpus.iter().map(|v| v as &dyn Vcpu).collect()
+    }
+
+    /// Run vCPU `i` until it reports one RDTSC; returns (host TSC before, guest TSC, host after).
+    fn guest_tsc(&mut self, i: usize) -> (u64, u64, u64) {
+        let v = &mut self.vcpus[i];
+        let (mut lo, mut hi) = (None, None);
+        let h0 = hypervisor::kvm::vcpu::host_tsc();
+        for _ in 0..100 {
+            match v.run().expect("KVM_RUN") {
+                VmExit::IoOut { port: 0x10, data } => {
+                    lo = Some(u32::from_le_bytes(data[..4].try_into().unwrap()))
+                }
+                VmExit::IoOut { port: 0x11, data } => {
+                    hi = Some(u32::from_le_bytes(data[..4].try_into().unwrap()));
+                    if lo.is_some() {
+                        break;
+                    }
+                }
+                VmExit::Interrupted => {}
+                other => panic!("vCPU {i}: unexpected exit {other:?}"),
+            }
+        }
+        let h1 = hypervisor::kvm::vcpu::host_tsc();
+        let g = u64::from(lo.expect("low half")) | (u64::from(hi.expect("high half")) << 32);
+        (h0, g, h1)
+    }
+
+    /// kvmclock as the guest would compute it from vCPU `i`'s pvclock page at guest TSC `tsc`.
+    fn pvclock_ns(&self, i: usize, tsc: u64) -> u64 {
+        let base = PVCLOCK_GPA as usize + 32 * i;
+        // SAFETY: reads inside the mapping; the vCPU is stopped, so the page is stable.
+        let rd = |off: usize, len: usize| -> u64 {
+            let mut b = [0u8; 8];
+            unsafe { std::ptr::copy_nonoverlapping(self.mem.0.add(base + off), b.as_mut_ptr(), len) };
+            u64::from_le_bytes(b)
+        };
+        let version = rd(0, 4);
+        assert_eq!(version % 2, 0, "pvclock page of vCPU {i} is being updated");
+        assert_ne!(version, 0, "vCPU {i} never had its pvclock page filled");
+        let tsc_timestamp = rd(8, 8);
+        let system_time = rd(16, 8);
+        let mul = rd(24, 4) as u32;
+        let shift = rd(28, 1) as u8 as i8;
+        system_time.wrapping_add(pvclock_scale_delta(tsc.wrapping_sub(tsc_timestamp), mul, shift))
+    }
+
+    fn kvmclock(&self) -> u64 {
+        self.vm.fd().get_clock().expect("KVM_GET_CLOCK").clock
+    }
+}
+
+fn offsets_honoured(g: &Guest) -> bool {
+    g.vm
+        .tsc_capabilities()
+        .offsets_honoured
+        .expect("offsets_honoured was probed")
+}
+
+/// For `nested_*` tests: true to run, false (after printing why) to skip; panics when
+/// HOURGLASS_NESTED=1 demands a host that honours offsets and this one does not.
+fn nested_or_skip(g: &Guest) -> bool {
+    if offsets_honoured(g) {
+        return true;
+    }
+    if std::env::var("HOURGLASS_NESTED").as_deref() == Ok("1") {
+        panic!("HOURGLASS_NESTED=1 but this host's KVM ignores TSC offsets");
+    }
+    println!("skipped: this host's KVM ignores TSC offsets; run scripts/nested-kvm.sh");
+    false
+}
+
+/// An independent check of the capability: write a big offset to a vCPU, run the guest, see
+/// whether its own RDTSC moved.
+#[test]
+fn capabilities_probe_agrees_with_a_running_guest() {
+    let Some(hv) = kvm_or_skip() else { return };
+    let caps = hv.tsc_capabilities().clone();
+    let mut g = Guest::new(hv, 1, &[]);
+    if !caps.tsc_offset_attr {
+        println!("skipped: no KVM_VCPU_TSC_OFFSET on this kernel");
+        return;
+    }
+    const OFF: u64 = 1 << 41;
+    hypervisor::kvm::x86_64::attr::set_tsc_offset(g.vcpus[0].fd(), OFF).unwrap();
+    let (h0, tsc, h1) = g.guest_tsc(0);
+    let moved = tsc.wrapping_sub(h0) > OFF / 2 && tsc.wrapping_sub(h1) < OFF * 2;
+    let stayed = tsc >= h0 && tsc <= h1;
+    assert!(moved ^ stayed, "guest TSC {tsc} neither host ({h0}..{h1}) nor host+2^41");
+    assert_eq!(caps.offsets_honoured, Some(moved), "probe disagrees with the guest");
+    println!("offsets honoured here: {moved}; caps {caps:?}");
+    assert!(!caps.nested_state || caps.backend == "kvm");
+}
+
+#[test]
+fn freeze_thaw_both_policies_keep_tsc_and_kvmclock_consistent() {
+    let Some(hv) = kvm_or_skip() else { return };
+    let mut g = Guest::new(hv, 4, &[]);
+    let khz = g.vm.guest_tsc_khz();
+    let honoured = offsets_honoured(&g);
+    let mut last: Vec<u64> = (0..4).map(|i| g.guest_tsc(i).1).collect();
+    for policy in [ClockPolicy::Wallclock, ClockPolicy::Frozen, ClockPolicy::Wallclock] {
+        let cap = g.vm.freeze(&g.refs()).expect("freeze");
+        let snap = cap.snapshot.clone();
+        assert_eq!(snap.tsc_adjust().len(), 4);
+        assert_eq!(cap.skew_cycles, 0, "one VM-wide offset: no skew expected");
+        let report = g.vm.thaw(&g.refs(), &snap, policy).expect("thaw");
+        assert_eq!(report.policy_requested, policy);
+        assert_eq!(report.offsets_honoured, honoured);
+        if honoured {
+            let want = match policy {
+                ClockPolicy::Wallclock => AppliedPolicy::Wallclock,
+                ClockPolicy::Frozen => AppliedPolicy::Frozen,
+            };
+            assert_eq!(report.policy_applied, want);
+            assert_eq!(report.vm_offset_applied, Some(report.vm_offset_planned));
+        } else {
+            assert_eq!(report.policy_applied, AppliedPolicy::HostTsc);
+            assert!(
+                report.warnings.iter().any(|w| w.contains("this host ignores TSC offsets")),
+                "{:?}",
+                report.warnings
+            );
+        }
+        // kvmclock continuity through KVM_GET_CLOCK.
+        let k_after = g.kvmclock();
+        assert!(
+            k_after >= snap.kvmclock_ns(),
+            "{policy}: kvmclock went back: {} -> {k_after}",
+            snap.kvmclock_ns()
+        );
+        // kvmclock and TSC agree (1 µs): predict kvmclock from the VM TSC at a KVM sample.
+        let data = g.vm.fd().get_clock().unwrap();
+        if data.flags & kvm_bindings::KVM_CLOCK_HOST_TSC != 0 {
+            let vm_tsc = data.host_tsc.wrapping_add(report.vm_offset_applied.unwrap());
+            let predicted = snap.kvmclock_ns() + cycles_to_ns(vm_tsc.wrapping_sub(snap.vm_tsc()), khz);
+            let diff = predicted.abs_diff(data.clock);
+            assert!(diff <= 1_000, "{policy}: kvmclock {} vs TSC-predicted {predicted}: {diff} ns", data.clock);
+        }
+        // The guest: TSC never backwards, pvclock page agrees with KVM_GET_CLOCK.
+        for (i, prev) in last.iter_mut().enumerate() {
+            let c0 = g.kvmclock();
+            let (_, tsc, _) = g.guest_tsc(i);
+            let c1 = g.kvmclock();
+            assert!(tsc > *prev, "{policy}: vCPU {i} TSC went back: {prev} -> {tsc}");
+            *prev = tsc;
+            let pv = g.pvclock_ns(i, tsc);
+            assert!(
+                pv + 1_000 >= c0 && pv <= c1 + 1_000,
+                "{policy}: vCPU {i} pvclock {pv} outside KVM_GET_CLOCK bracket [{c0}, {c1}]"
+            );
+        }
+    }
+}
+
+#[test]
+fn thaw_refuses_to_move_the_tsc_backwards_and_changes_nothing() {
+    let Some(hv) = kvm_or_skip() else { return };
+    let mut g = Guest::new(hv, 2, &[]);
+    g.guest_tsc(0);
+    let snap = g.vm.freeze(&g.refs()).unwrap().snapshot;
+    let mut raw: RawTscSnapshot = snap.into();
+    raw.vm_tsc = raw.vm_tsc.wrapping_add(1 << 62); // far in the future
+    let future = TscSnapshot::try_from(raw).unwrap();
+    let before: Vec<_> = g.vcpus.iter().map(|v| v.tsc_reading().unwrap()).collect();
+    let k0 = g.kvmclock();
+    let res = g.vm.thaw(&g.refs(), &future, ClockPolicy::Frozen);
+    let k1 = g.kvmclock();
+    if offsets_honoured(&g) {
+        // A host that honours offsets can give the guest that TSC: not a refusal.
+        res.expect("thaw on a host that honours offsets");
+        return;
+    }
+    let e = res.expect_err("backwards thaw must be refused");
+    assert!(matches!(e, HypervisorError::Tsc(_)), "{e}");
+    assert!(e.to_string().contains("backwards"), "{e}");
+    let after: Vec<_> = g.vcpus.iter().map(|v| v.tsc_reading().unwrap()).collect();
+    assert_eq!(before, after, "offsets/TSC_ADJUST changed by a refused thaw");
+    // kvmclock was not set: it only advanced by the real time of the call (< 1 s).
+    assert!(k1 >= k0 && k1 - k0 < 1_000_000_000, "kvmclock moved {k0} -> {k1}");
+}
+
+#[test]
+fn set_tsc_khz_outside_the_window_is_refused_and_changes_nothing() {
+    let Some(hv) = kvm_or_skip() else { return };
+    let caps = hv.tsc_capabilities().clone();
+    let g = Guest::new(hv, 2, &[]);
+    if caps.tsc_scaling {
+        println!("skipped: this host has TSC scaling, so host_khz/2 is allowed");
+        return;
+    }
+    let host = caps.host_tsc_khz;
+    let e = g.vm.set_guest_tsc_khz(&g.refs(), host / 2).expect_err("must refuse");
+    let msg = e.to_string();
+    assert!(msg.contains(&host.to_string()) && msg.contains(&(host / 2).to_string()), "{msg}");
+    assert!(msg.contains("250 ppm"), "{msg}");
+    assert_eq!(g.vm.guest_tsc_khz(), host);
+    for v in &g.vcpus {
+        assert_eq!(v.tsc_khz().unwrap(), host, "vCPU {} frequency changed", v.id());
+    }
+    // Inside the window: accepted.
+    g.vm.set_guest_tsc_khz(&g.refs(), host + host / 10_000).expect("within 250 ppm");
+    assert_eq!(g.vm.guest_tsc_khz(), host + host / 10_000);
+}
+
+#[test]
+fn thaw_refuses_a_snapshot_for_another_vcpu_count() {
+    let Some(hv) = kvm_or_skip() else { return };
+    let g = Guest::new(hv, 2, &[]);
+    let snap = g.vm.freeze(&g.refs()).unwrap().snapshot;
+    let e = g.vm.thaw(&g.refs()[..1], &snap, ClockPolicy::Frozen).unwrap_err();
+    assert!(e.to_string().contains('2') && e.to_string().contains('1'), "{e}");
+}
+
+#[test]
+fn vcpu_state_round_trips_and_omits_nested_state_without_the_capability() {
+    let Some(hv) = kvm_or_skip() else { return };
+    let nested = hv.tsc_capabilities().nested_state;
+    let mut g = Guest::new(hv, 1, &[]);
+    g.guest_tsc(0);
+    let s = g.vcpus[0].state().expect("state");
+    if !nested {
+        assert!(s.nested.is_none());
+    }
+    assert!(s.msrs.iter().any(|m| m.index == msr::TSC_AUX), "TSC_AUX saved");
+    assert!(!s.msrs.iter().any(|m| m.index == msr::IA32_TSC));
+    let json = serde_json::to_string(&s).unwrap();
+    let back = hypervisor::VcpuState::from_json(&json).unwrap();
+    g.vcpus[0].set_state(&back).expect("set_state");
+    assert_eq!(g.vcpus[0].state().unwrap().regs, s.regs);
+}
+
+#[test]
+fn kicker_interrupts_the_next_run() {
+    let Some(hv) = kvm_or_skip() else { return };
+    let mut g = Guest::new(hv, 1, &[]);
+    let k = g.vcpus[0].kicker();
+    k.set(true);
+    assert!(matches!(g.vcpus[0].run().unwrap(), VmExit::Interrupted));
+    // Cleared by run: the guest runs again.
+    g.guest_tsc(0);
+}
+
+// ---- tests that need a KVM that honours offsets (nested kvm_amd) ----
+
+#[test]
+fn nested_planned_offset_is_what_every_vcpu_has() {
+    let Some(hv) = kvm_or_skip() else { return };
+    let mut g = Guest::new(hv, 4, &[]);
+    if !nested_or_skip(&g) {
+        return;
+    }
+    (0..4).for_each(|i| drop(g.guest_tsc(i)));
+    let snap = g.vm.freeze(&g.refs()).unwrap().snapshot;
+    let report = g.vm.thaw(&g.refs(), &snap, ClockPolicy::Frozen).unwrap();
+    let offsets: Vec<u64> = g.vcpus.iter().map(|v| v.tsc_reading().unwrap().offset).collect();
+    assert!(offsets.iter().all(|o| *o == report.vm_offset_planned), "{offsets:?} vs {}", report.vm_offset_planned);
+    for i in 0..4 {
+        let (h0, tsc, h1) = g.guest_tsc(i);
+        let lo = h0.wrapping_add(report.vm_offset_planned);
+        let hi = h1.wrapping_add(report.vm_offset_planned);
+        assert!(tsc >= lo && tsc <= hi, "vCPU {i}: guest RDTSC {tsc} outside plan [{lo}, {hi}]");
+    }
+}
+
+fn pause_and_measure(policy: ClockPolicy) {
+    let Some(hv) = kvm_or_skip() else { return };
+    let mut g = Guest::new(hv, 2, &[]);
+    if !nested_or_skip(&g) {
+        return;
+    }
+    let khz = g.vm.guest_tsc_khz();
+    let before: Vec<u64> = (0..2).map(|i| g.guest_tsc(i).1).collect();
+    let t0 = Instant::now();
+    let snap = g.vm.freeze(&g.refs()).unwrap().snapshot;
+    std::thread::sleep(Duration::from_secs(2)); // the pause being measured
+    g.vm.thaw(&g.refs(), &snap, policy).unwrap();
+    for (i, b) in before.iter().enumerate() {
+        let tsc = g.guest_tsc(i).1;
+        let advanced = tsc - b;
+        match policy {
+            ClockPolicy::Frozen => {
+                assert!(advanced < u64::from(khz), "vCPU {i}: frozen TSC advanced {advanced} cycles")
+            }
+            ClockPolicy::Wallclock => {
+                let real = t0.elapsed().as_nanos() as u64 * u64::from(khz) / 1_000_000;
+                assert!(advanced.abs_diff(real) < u64::from(khz), "vCPU {i}: advanced {advanced}, real {real}");
+            }
+        }
+    }
+}
+
+#[test]
+fn nested_frozen_pause_stops_the_tsc() {
+    pause_and_measure(ClockPolicy::Frozen);
+}
+
+#[test]
+fn nested_wallclock_pause_advances_by_real_time() {
+    pause_and_measure(ClockPolicy::Wallclock);
+}
+
+#[test]
+fn nested_guest_tsc_adjust_survives_thaw() {
+    let Some(hv) = kvm_or_skip() else { return };
+    let adj = [0u64, 1 << 36, 5 << 30];
+    let mut g = Guest::new(hv, 3, &adj);
+    if !nested_or_skip(&g) {
+        return;
+    }
+    (0..3).for_each(|i| drop(g.guest_tsc(i)));
+    let snap = g.vm.freeze(&g.refs()).unwrap().snapshot;
+    assert_eq!(snap.tsc_adjust(), &adj);
+    g.vm.thaw(&g.refs(), &snap, ClockPolicy::Wallclock).unwrap();
+    let t: Vec<u64> = (0..3).map(|i| g.guest_tsc(i).1).collect();
+    for (i, v) in g.vcpus.iter().enumerate() {
+        assert_eq!(v.tsc_reading().unwrap().tsc_adjust, adj[i]);
+    }
+    // vCPU i's TSC is A_i ahead of vCPU 0's (within the time between the two reads, < 1 ms).
+    let khz = u64::from(g.vm.guest_tsc_khz());
+    for i in 1..3 {
+        let d = t[i].wrapping_sub(t[0]).wrapping_sub(adj[i]);
+        assert!(d < khz, "vCPU {i}: TSC minus TSC_ADJUST differs from vCPU 0 by {d}");
+    }
+}

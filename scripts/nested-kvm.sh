@@ -1,0 +1,381 @@
+#!/usr/bin/env bash
+# Runs the `nested_` tests on a real kvm_amd that honours TSC offsets: Debian's stock kernel booted
+# under QEMU's emulator with SVM (`-accel tcg -cpu EPYC,+svm`), kvm-amd loaded inside.
+#
+#   scripts/nested-kvm.sh [FILTER]               one host; FILTER defaults to `nested_`
+#                                                (tests named `nested_xhost_` are left out)
+#   scripts/nested-kvm.sh --two-hosts [FILTER]   hosts A then B (booted later: another TSC base),
+#                                                FILTER defaults to `nested_xhost_`
+#
+# Installs what is missing (qemu-system-x86, busybox-static, cpio, kmod) with apt-get, downloads
+# Debian's kernel package once, builds the workspace's test executables and binaries, boots the
+# host(s) with an initramfs holding them, runs each matching test inside with HOURGLASS_NESTED=1
+# and ends with one line `nested: N passed, M failed`. Exit status: 0 only when every test passed
+# and at least one ran. Everything is cached under target/nested/ (see scripts/nested/README.md).
+#
+# Environment: NESTED_TIMEOUT_S (whole run of one host, default 840), NESTED_TEST_TIMEOUT_S (one
+# test, default 600), NESTED_MEM_MB (1024), NESTED_SMP (2), NESTED_SMP_B (NESTED_SMP),
+# NESTED_B_DELAY_S (2: B boots this long after A is ready), NESTED_SHARE_MB (256),
+# NESTED_REQUIRE=1 (fail instead of skipping where QEMU cannot be installed), NESTED_PACKAGES
+# (space-separated cargo packages to build instead of the whole workspace), NESTED_SKIP_FILTER
+# (libtest --skip filter; default `nested_xhost_` on one host, none on two), NESTED_BZIMAGE=1
+# (boot the compressed vmlinuz instead of the extracted PVH vmlinux: about 8 s slower a boot).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+N="$ROOT/target/nested"
+mkdir -p "$N"
+
+TWO_HOSTS=0
+if [ "${1:-}" = --two-hosts ]; then
+    TWO_HOSTS=1
+    shift
+fi
+if [ $# -gt 1 ] || [[ "${1:-}" == -* ]]; then
+    echo "usage: scripts/nested-kvm.sh [--two-hosts] [FILTER]" >&2
+    exit 2
+fi
+if [ "$TWO_HOSTS" = 1 ]; then
+    FILTER=${1:-nested_xhost_}
+    SKIP_FILTER=
+else
+    FILTER=${1:-nested_}
+    SKIP_FILTER=nested_xhost_
+fi
+SKIP_FILTER=${NESTED_SKIP_FILTER-$SKIP_FILTER}
+TIMEOUT_S=${NESTED_TIMEOUT_S:-840}
+MEM_MB=${NESTED_MEM_MB:-1024}
+SMP_A=${NESTED_SMP:-2}
+SMP_B=${NESTED_SMP_B:-$SMP_A}
+T_START=$(date +%s.%N)
+
+log() { echo "nested-kvm: $*" >&2; }
+since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+summary_fail() {
+    log "$*"
+    echo "nested: 0 passed, 1 failed"
+    exit 1
+}
+skip_or_fail() {
+    if [ "${NESTED_REQUIRE:-0}" = 1 ]; then summary_fail "$*"; fi
+    echo "nested: skipped: $*"
+    exit 0
+}
+
+# --- 1. host packages and the kernel ------------------------------------------------------------
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || need+=(busybox-static)
+command -v cpio >/dev/null || need+=(cpio)
+command -v modinfo >/dev/null || need+=(kmod)
+command -v python3 >/dev/null || need+=(python3-minimal)
+if [ ${#need[@]} -gt 0 ]; then
+    log "installing ${need[*]}"
+    [ "$(id -u)" = 0 ] || skip_or_fail "QEMU cannot be installed here (not root; missing: ${need[*]})"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >"$N/apt.log" 2>&1 ||
+        { apt-get update -qq >>"$N/apt.log" 2>&1 &&
+            apt-get install -y -qq --no-install-recommends "${need[@]}" >>"$N/apt.log" 2>&1; } ||
+        skip_or_fail "QEMU cannot be installed here (apt-get failed: see $N/apt.log)"
+fi
+BUSYBOX=/bin/busybox
+if ldd "$BUSYBOX" >/dev/null 2>&1; then summary_fail "$BUSYBOX is not the static one (install busybox-static)"; fi
+
+# The kernel: the package the linux-image-amd64 metapackage depends on, extracted once.
+KPKG=
+[ -f "$N/kernel/current" ] && KPKG=$(cat "$N/kernel/current")
+if [ -z "$KPKG" ] || [ ! -f "$N/kernel/$KPKG/vmlinuz" ] || [ ! -f "$N/kernel/$KPKG/modules.order" ]; then
+    KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/ { print $2; exit }')
+    if [ -z "$KPKG" ]; then
+        apt-get update -qq >>"$N/apt.log" 2>&1 || true
+        KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/ { print $2; exit }')
+    fi
+    [ -n "$KPKG" ] || skip_or_fail "cannot resolve Debian's linux-image-amd64"
+    log "downloading $KPKG"
+    rm -rf "$N/kernel/$KPKG" "$N/debs"
+    mkdir -p "$N/debs" "$N/kernel/$KPKG/mods"
+    if ! (cd "$N/debs" && apt-get download "$KPKG" >>"$N/apt.log" 2>&1); then
+        # Stale package lists name a version the mirror no longer has: refresh and resolve again.
+        apt-get update -qq >>"$N/apt.log" 2>&1 || true
+        KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/ { print $2; exit }')
+        mkdir -p "$N/kernel/$KPKG/mods"
+        (cd "$N/debs" && apt-get download "$KPKG" >>"$N/apt.log" 2>&1) ||
+            skip_or_fail "cannot download $KPKG (see $N/apt.log)"
+    fi
+    dpkg-deb -x "$N"/debs/"$KPKG"_*.deb "$N/debs/x"
+    KD="$N/kernel/$KPKG"
+    cp "$N"/debs/x/boot/vmlinuz-* "$KD/vmlinuz.tmp"
+    # Modules wanted inside, resolved with their dependencies (modinfo -F depends) into load order.
+    declare -A MODFILE=() SEEN=()
+    while IFS= read -r f; do
+        b=${f##*/}
+        b=${b%%.ko*}
+        MODFILE[${b//-/_}]=$f
+    done < <(find "$N/debs/x/lib/modules" -name '*.ko*')
+    ORDER=()
+    visit() {
+        local m=${1//-/_} d
+        [ -z "${SEEN[$m]:-}" ] || return 0
+        SEEN[$m]=1
+        [ -n "${MODFILE[$m]:-}" ] || summary_fail "module $m is not in $KPKG"
+        for d in $(modinfo -F depends "${MODFILE[$m]}" | tr ',' ' '); do visit "$d"; done
+        ORDER+=("$m")
+    }
+    for m in irqbypass kvm ccp kvm_amd e1000 virtio_pci virtio_blk; do visit "$m"; done
+    for m in "${ORDER[@]}"; do
+        f=${MODFILE[$m]}
+        case "$f" in
+            *.ko.xz) xz -dc "$f" >"$KD/mods/$m.ko" ;;
+            *.ko.zst) zstd -qdc "$f" >"$KD/mods/$m.ko" ;;
+            *.ko.gz) gzip -dc "$f" >"$KD/mods/$m.ko" ;;
+            *) cp "$f" "$KD/mods/$m.ko" ;;
+        esac
+        echo "$m.ko"
+    done >"$KD/modules.order"
+    mv "$KD/vmlinuz.tmp" "$KD/vmlinuz"
+    rm -rf "$N/debs"
+    echo "$KPKG" >"$N/kernel/current"
+fi
+KD="$N/kernel/$KPKG"
+# The uncompressed ELF boots through its PVH entry, skipping the kernel's self-decompression.
+if [ ! -f "$KD/vmlinux" ] && [ ! -f "$KD/vmlinux.none" ]; then
+    python3 "$ROOT/scripts/nested/extract-vmlinux.py" "$KD/vmlinuz" "$KD/vmlinux" ||
+        { log "no PVH vmlinux in $KPKG: booting the bzImage"; touch "$KD/vmlinux.none"; }
+fi
+KERNEL="$KD/vmlinuz"
+[ "${NESTED_BZIMAGE:-0}" = 1 ] || [ ! -f "$KD/vmlinux" ] || KERNEL="$KD/vmlinux"
+
+# --- 2. build the test executables and binaries -------------------------------------------------
+T_BUILD=$(date +%s.%N)
+SCOPE=(--workspace)
+if [ -n "${NESTED_PACKAGES:-}" ]; then
+    SCOPE=()
+    for p in $NESTED_PACKAGES; do SCOPE+=(-p "$p"); done
+fi
+log "building (cargo build --bins ${SCOPE[*]}; cargo test --no-run ${SCOPE[*]})"
+cargo build "${SCOPE[@]}" --bins --message-format=json-render-diagnostics >"$N/cargo-bins.json" ||
+    summary_fail "cargo build --bins failed"
+cargo test "${SCOPE[@]}" --no-run --message-format=json-render-diagnostics >"$N/cargo-tests.json" ||
+    summary_fail "cargo test --no-run failed"
+# One line per executable: <kind>\t<path>\t<package dir>; kind is test or bin.
+python3 - "$N/cargo-bins.json" "$N/cargo-tests.json" >"$N/executables.tsv" <<'EOF'
+import json, os, sys
+seen = set()
+for name in sys.argv[1:]:
+    for line in open(name):
+        try:
+            m = json.loads(line)
+        except ValueError:
+            continue
+        exe = m.get("executable")
+        if m.get("reason") != "compiler-artifact" or not exe or exe in seen:
+            continue
+        seen.add(exe)
+        if m["profile"]["test"]:
+            kind = "test"
+        elif "bin" in m["target"]["kind"]:
+            kind = "bin"
+        else:
+            continue
+        print(f"{kind}\t{exe}\t{os.path.dirname(m['manifest_path'])}")
+EOF
+# The tests to run: each test executable's libtest list, filtered as the guest will filter it.
+: >"$N/tests.tsv"
+while IFS=$'\t' read -r kind exe dir; do
+    [ "$kind" = test ] || continue
+    skip_args=()
+    [ -z "$SKIP_FILTER" ] || skip_args=(--skip "$SKIP_FILTER")
+    if ! out=$(cd "$dir" && timeout 60 "$exe" --list "$FILTER" "${skip_args[@]}" </dev/null 2>/dev/null); then
+        log "warning: $exe --list failed (not a libtest harness?); not run"
+        continue
+    fi
+    sed -n 's/^\(.*\): test$/\1/p' <<<"$out" | while IFS= read -r name; do
+        printf '%s\t%s\t%s\n' "$exe" "$dir" "$name"
+    done >>"$N/tests.tsv"
+done <"$N/executables.tsv"
+PLANNED=$(wc -l <"$N/tests.tsv")
+log "build and listing took $(since "$T_BUILD") s; $PLANNED test(s) match '$FILTER'"
+if [ "$PLANNED" = 0 ]; then
+    log "no test matches '$FILTER'"
+    echo "nested: 0 passed, 0 failed"
+    exit 1
+fi
+
+# --- 3. the initramfs ---------------------------------------------------------------------------
+S="$N/initramfs"
+rm -rf "$S"
+mkdir -p "$S"/{bin,sbin,etc/hourglass-nested,modules,proc,sys,dev,tmp,mnt/share,root}
+cp "$BUSYBOX" "$S/bin/busybox"
+for a in $("$BUSYBOX" --list); do
+    [ "$a" = busybox ] || ln -sf busybox "$S/bin/$a"
+done
+cp "$ROOT/scripts/nested/init" "$S/init"
+chmod 755 "$S/init"
+cp "$KD"/mods/*.ko "$S/modules/"
+cp "$KD/modules.order" "$S/etc/hourglass-nested/modules"
+cp "$N/tests.tsv" "$S/etc/hourglass-nested/tests"
+{
+    echo "TEST_TIMEOUT_S=${NESTED_TEST_TIMEOUT_S:-600}"
+    echo "SHARE_WAIT_S=$TIMEOUT_S"
+    echo "PEER_WAIT_S=$TIMEOUT_S"
+} >"$S/etc/hourglass-nested/env"
+# The executables keep their absolute paths (so CARGO_BIN_EXE_* and friends stay valid), without
+# debug info; the dynamic loader and the libraries ldd names go beside them at their own paths.
+copy_exe() {
+    local exe=$1 lib
+    mkdir -p "$S$(dirname "$exe")"
+    strip --strip-debug -o "$S$exe" "$exe" 2>/dev/null || cp "$exe" "$S$exe"
+    for lib in $(ldd "$exe" 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
+        if [ ! -e "$S$lib" ]; then
+            mkdir -p "$S$(dirname "$lib")"
+            cp -L "$lib" "$S$lib"
+        fi
+    done
+}
+cut -f1 "$N/tests.tsv" | sort -u | while IFS= read -r exe; do copy_exe "$exe"; done
+awk -F'\t' '$1 == "bin" { print $2 }' "$N/executables.tsv" | while IFS= read -r exe; do copy_exe "$exe"; done
+cut -f2 "$N/tests.tsv" | sort -u | while IFS= read -r dir; do mkdir -p "$S$dir"; done
+# Data files the tests read at run time: scripts/nested/carry.list, one path (relative to the
+# repository root) a line, copied to the same absolute path.
+sed -e 's/#.*//' -e 's/[[:space:]]*$//' "$ROOT/scripts/nested/carry.list" | while IFS= read -r p; do
+    [ -n "$p" ] || continue
+    [ -e "$ROOT/$p" ] || summary_fail "scripts/nested/carry.list: $p does not exist"
+    mkdir -p "$S$(dirname "$ROOT/$p")"
+    cp -a "$ROOT/$p" "$S$ROOT/$p"
+done
+(cd "$S" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 >"$N/initrd.gz"
+log "initramfs: $(du -sm "$S" | cut -f1) MiB unpacked, $(du -m "$N/initrd.gz" | cut -f1) MiB gzipped"
+
+# --- 4. boot ------------------------------------------------------------------------------------
+PIDS=()
+# shellcheck disable=SC2317 # called by the trap
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start_host NAME SMP APPEND EXTRA_QEMU_ARGS...: boots one host in the background, console to
+# $N/console-NAME.log (streamed to stdout with a prefix); sets HOST_PID.
+start_host() {
+    local name=$1 smp=$2 append=$3
+    shift 3
+    local logf="$N/console-$name.log"
+    : >"$logf"
+    qemu-system-x86_64 -accel tcg -cpu EPYC,+svm -m "$MEM_MB" -smp "$smp" \
+        -kernel "$KERNEL" -initrd "$N/initrd.gz" \
+        -append "console=ttyS0 quiet panic=-1 clocksource=tsc tsc=reliable $append" \
+        -display none -nodefaults -no-user-config -no-reboot -monitor none \
+        -serial "file:$logf" "$@" </dev/null >"$N/qemu-$name.log" 2>&1 &
+    HOST_PID=$!
+    PIDS+=("$HOST_PID")
+    tail -n +1 -F --pid="$HOST_PID" "$logf" 2>/dev/null | sed -u "s/^/[$name] /" &
+    PIDS+=("$!")
+}
+# wait_for NAME PID PATTERN DEADLINE: 0 once PATTERN is in NAME's console, 1 when the host exited
+# or the deadline (epoch seconds) passed.
+wait_for() {
+    while ! grep -q "$3" "$N/console-$1.log"; do
+        kill -0 "$2" 2>/dev/null || return 1
+        [ "$(date +%s)" -lt "$4" ] || return 1
+        sleep 0.2
+    done
+}
+# finish NAME PID DEADLINE [OTHER_PID OTHER_NAME]: waits for the host to power off; kills it at
+# the deadline, or (two hosts) once host A is gone without having written the share.
+finish() {
+    while kill -0 "$2" 2>/dev/null; do
+        if [ -n "${4:-}" ] && ! kill -0 "$4" 2>/dev/null && ! grep -q HOURGLASS-NESTED-SHARE-WRITTEN "$N/console-$5.log"; then
+            log "host $5 stopped without writing the share: host $1 killed"
+            kill "$2" 2>/dev/null || true
+            echo "HOURGLASS-NESTED-ERROR host $5 stopped without writing the share" >>"$N/console-$1.log"
+            break
+        fi
+        if [ "$(date +%s)" -ge "$3" ]; then
+            log "host $1 still running at its deadline: killed"
+            kill "$2" 2>/dev/null || true
+            echo "HOURGLASS-NESTED-ERROR timeout" >>"$N/console-$1.log"
+            break
+        fi
+        sleep 0.2
+    done
+    wait "$2" 2>/dev/null || true
+}
+
+T_BOOT=$(date +%s.%N)
+if [ "$TWO_HOSTS" = 0 ]; then
+    HOSTS=(S)
+    start_host S "$SMP_A" ""
+    finish S "$HOST_PID" $(($(date +%s) + TIMEOUT_S))
+else
+    HOSTS=(A B)
+    cp /dev/null "$N/share.img"
+    truncate -s "${NESTED_SHARE_MB:-256}M" "$N/share.img"
+    DRIVE=(-drive "file=$N/share.img,format=raw,if=virtio,cache=writethrough,file.locking=off")
+    port=$((20000 + RANDOM % 20000))
+    start_host A "$SMP_A" "hourglass.role=A hourglass.net=1" "${DRIVE[@]}" \
+        -netdev "socket,id=n0,listen=127.0.0.1:$port" -device e1000,netdev=n0,mac=52:54:00:12:34:0a
+    PID_A=$HOST_PID
+    deadline_a=$(($(date +%s) + TIMEOUT_S))
+    if wait_for A "$PID_A" HOURGLASS-NESTED-READY "$deadline_a"; then
+        sleep "${NESTED_B_DELAY_S:-2}"
+        gap_ms=$(awk -v a="$T_BOOT" -v b="$(date +%s.%N)" 'BEGIN { printf "%d", (b - a) * 1000 }')
+        start_host B "$SMP_B" "hourglass.role=B hourglass.net=1 hourglass.gap_ms=$gap_ms" "${DRIVE[@]}" \
+            -netdev "socket,id=n0,connect=127.0.0.1:$port" -device e1000,netdev=n0,mac=52:54:00:12:34:0b
+        PID_B=$HOST_PID
+        finish B "$PID_B" $(($(date +%s) + TIMEOUT_S)) "$PID_A" A
+        finish A "$PID_A" $(($(date +%s) + 60))
+    else
+        : >"$N/console-B.log"
+        finish A "$PID_A" "$deadline_a"
+    fi
+fi
+BOOT_WALL=$(since "$T_BOOT")
+sleep 0.3 # let the console streams drain
+
+# --- 5. results ---------------------------------------------------------------------------------
+passed=0
+failed=0
+status=0
+: >"$N/results.tsv" # result, role, executable, test, seconds
+for h in "${HOSTS[@]}"; do
+    c="$N/console-$h.log"
+    planned_h=$PLANNED
+    if ! grep -q HOURGLASS-NESTED-BOOTED "$c"; then
+        log "host $h did not come up; QEMU said:"
+        grep -v "TCG doesn.t support requested feature" "$N/qemu-$h.log" | tail -n 20 >&2 || true
+        log "console tail:"
+        tail -n 40 "$c" >&2 || true
+        failed=$((failed + planned_h))
+        status=1
+        continue
+    fi
+    if grep -q HOURGLASS-NESTED-ERROR "$c"; then
+        log "host $h: $(grep HOURGLASS-NESTED-ERROR "$c" | head -n 3 | tr '\n' ' ')"
+        tail -n 40 "$c" >&2
+        failed=$((failed + 1))
+        status=1
+    fi
+    ok=$(grep -c '^HOURGLASS-NESTED-RESULT ok ' "$c" || true)
+    bad=$(grep -c '^HOURGLASS-NESTED-RESULT FAILED ' "$c" || true)
+    ign=$(grep -c '^HOURGLASS-NESTED-RESULT ignored ' "$c" || true)
+    missing=$((planned_h - ok - bad - ign))
+    [ "$missing" -le 0 ] || log "host $h: $missing test(s) gave no result"
+    [ "$missing" -ge 0 ] || missing=0
+    passed=$((passed + ok))
+    failed=$((failed + bad + missing))
+    sed -n "s/^HOURGLASS-NESTED-RESULT /nested-kvm: result [$h]: /p" "$c" >&2
+    sed -n "s/^HOURGLASS-NESTED-RESULT //p" "$c" | tr ' ' '\t' >>"$N/results.tsv"
+    booted=$(sed -n 's/^HOURGLASS-NESTED-BOOTED uptime=\([0-9.]*\).*/\1/p' "$c" | head -n 1)
+    ready=$(sed -n 's/^HOURGLASS-NESTED-KVM-READY uptime=\([0-9.]*\).*/\1/p' "$c" | head -n 1)
+    tstart=$(sed -n 's/^HOURGLASS-NESTED-TESTS-START uptime=\([0-9.]*\).*/\1/p' "$c" | head -n 1)
+    tdone=$(sed -n 's/^HOURGLASS-NESTED-TESTS-DONE uptime=\([0-9.]*\).*/\1/p' "$c" | head -n 1)
+    log "host $h (guest uptime): /init at ${booted:-?} s, /dev/kvm at ${ready:-?} s, tests ${tstart:-?}..${tdone:-?} s"
+done
+log "boot+tests wall clock $BOOT_WALL s; whole script $(since "$T_START") s"
+[ "$passed" -gt 0 ] || status=1
+[ "$failed" = 0 ] || status=1
+echo "nested: $passed passed, $failed failed"
+exit "$status"

@@ -1,0 +1,243 @@
+//! Shared helpers for the `vmm_*` integration tests: locate and build the real binaries, start
+//! `hourglass` on a temporary API socket, poll its API with deadlines.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard, Once};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Tests that boot VMs run one at a time (the machine has few cores; timing checks need them).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Take the lock that keeps VM-booting tests from running at once.
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Why the test cannot run here, if it cannot.
+pub fn skip_reason() -> Option<String> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => None,
+        Err(e) => Some(format!("/dev/kvm cannot be opened ({e})")),
+    }
+}
+
+/// Print the skip reason and return true when /dev/kvm is unusable.
+pub fn skip(test: &str) -> bool {
+    match skip_reason() {
+        Some(r) => {
+            println!("SKIPPED {test}: {r}");
+            true
+        }
+        None => false,
+    }
+}
+
+/// The target directory holding the test executable's sibling binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+static BUILD: Once = Once::new();
+
+/// Path of a binary of the `vmm` package, built (once per test process) if needed.
+pub fn binary(name: &str) -> PathBuf {
+    BUILD.call_once(|| {
+        let dir = bin_dir();
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let cargo = option_env!("CARGO").unwrap_or("cargo");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "vmm", "--bins"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        if release {
+            cmd.arg("--release");
+        }
+        if let Some(target) = dir.parent() {
+            cmd.env("CARGO_TARGET_DIR", target);
+        }
+        let status = cmd.status().expect("run cargo build for the vmm binaries");
+        assert!(status.success(), "cargo build -p vmm --bins failed");
+    });
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} was not built", p.display());
+    p
+}
+
+/// A fresh temporary directory for one test.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("hg-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create temp dir");
+    d
+}
+
+/// A running `hourglass`, killed on drop.
+pub struct Hourglass {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub serial: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Hourglass {
+    /// Start `hourglass` with `cpus` vCPUs and extra arguments; waits until the API answers
+    /// vm.info (the VM is booted).
+    pub fn start(tag: &str, cpus: u32, extra: &[&str]) -> Self {
+        let dir = temp_dir(tag);
+        let socket = dir.join("api.sock");
+        let serial = dir.join("serial.log");
+        let mut cmd = Command::new(binary("hourglass"));
+        cmd.arg("--cpus")
+            .arg(format!("boot={cpus}"))
+            .arg("--memory")
+            .arg("size=64M")
+            .arg("--api-socket")
+            .arg(format!("path={}", socket.display()))
+            .arg("--serial")
+            .arg(format!("file={}", serial.display()))
+            .args(extra)
+            .arg("-v")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("stderr.log")).expect("stderr log"),
+            ));
+        let child = cmd.spawn().expect("spawn hourglass");
+        let mut h = Hourglass {
+            child,
+            socket,
+            serial,
+            dir,
+        };
+        h.wait_until("the API answers vm.info", Duration::from_secs(20), |h| {
+            h.try_info().is_some()
+        });
+        h
+    }
+
+    /// The VMM's stderr so far (for failure messages).
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Poll `cond` every 10 ms until it holds or `timeout` passes (then panic with `what`).
+    pub fn wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut cond: impl FnMut(&Self) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if cond(self) {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!(
+                    "hourglass exited ({st}) while waiting for {what}:\n{}",
+                    self.stderr()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// One API request.
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        vmm::api::client::api_request(&self.socket, method, path, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.stderr()))
+    }
+
+    /// vm.info, or None while the API is not up.
+    pub fn try_info(&self) -> Option<Value> {
+        match vmm::api::client::api_request(&self.socket, "GET", "vm.info", None) {
+            Ok((200, body)) => serde_json::from_str(&body).ok(),
+            _ => None,
+        }
+    }
+
+    /// vm.info (must succeed).
+    pub fn info(&self) -> Value {
+        let (code, body) = self.api("GET", "vm.info", None);
+        assert_eq!(code, 200, "vm.info: {body}");
+        serde_json::from_str(&body).expect("vm.info is JSON")
+    }
+
+    /// Run our `ch-remote` against this VMM.
+    pub fn ch_remote(&self, args: &[&str]) -> Output {
+        Command::new(binary("ch-remote"))
+            .arg("--api-socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run ch-remote")
+    }
+
+    /// The serial output so far.
+    pub fn serial_text(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// Wait for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "hourglass did not exit within {timeout:?}:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Hourglass {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `time_probe.totals.<field>` of a vm.info.
+pub fn totals(info: &Value, field: &str) -> u64 {
+    info["time_probe"]["totals"][field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("time_probe.totals.{field} missing in {info}"))
+}
+
+/// Per-vCPU sample counters.
+pub fn vcpu_samples(info: &Value) -> Vec<u64> {
+    info["time_probe"]["vcpus"]
+        .as_array()
+        .expect("time_probe.vcpus")
+        .iter()
+        .map(|v| v["samples"].as_u64().unwrap_or(0))
+        .collect()
+}

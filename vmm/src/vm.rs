@@ -1,0 +1,501 @@
+//! One VM: guest memory, the loaded image, devices, vCPU threads, and pause/resume with guest time
+//! frozen and thawed through the hypervisor crate's `TscState`.
+
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::probe::{ProbeReport, TimeProbe, PROBE_BASE, PROBE_PORT_COUNT};
+use devices::serial::{COM1_PORT, SERIAL_PORT_LEN};
+use devices::{PioBus, Serial, I8042};
+use hypervisor::tsc::{Capture, ClockPolicy, ClockReport};
+use hypervisor::{Hypervisor, TscCapabilities, Vcpu};
+use log::{info, warn};
+use serde::Serialize;
+use vm_memory::{
+    Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
+
+use crate::config::VmConfig;
+use crate::vcpu::{PauseError, Shared, VcpuSet, VmEvent};
+
+/// Errors building or driving a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A hypervisor call failed.
+    #[error("{what}")]
+    Hypervisor {
+        /// What was being done.
+        what: String,
+        /// The hypervisor's error.
+        #[source]
+        source: hypervisor::HypervisorError,
+    },
+    /// Guest setup (layout, image, CPUID) failed.
+    #[error("guest setup")]
+    Arch(#[from] arch::Error),
+    /// Guest memory could not be allocated.
+    #[error("cannot allocate {size} bytes of guest memory: {reason}")]
+    Memory {
+        /// Bytes asked for.
+        size: u64,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The kernel image could not be read.
+    #[error("cannot read the kernel image {path}")]
+    Kernel {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration cannot run (e.g. too many vCPUs for the test guest).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A device could not be created.
+    #[error("device setup: {0}")]
+    Device(String),
+    /// vCPU threads could not be started.
+    #[error("cannot start vCPU threads")]
+    Thread(#[source] std::io::Error),
+    /// The VM is not in a state that allows the action.
+    #[error("{0}")]
+    InvalidState(String),
+    /// Parking or releasing the vCPUs failed.
+    #[error("vCPU threads")]
+    Pause(#[from] PauseError),
+}
+
+fn hv_err(what: impl Into<String>) -> impl FnOnce(hypervisor::HypervisorError) -> VmError {
+    let what = what.into();
+    move |source| VmError::Hypervisor { what, source }
+}
+
+/// The VM's run state, spelled as Cloud Hypervisor's `vm.info` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum RunState {
+    /// vCPUs running.
+    Running,
+    /// vCPUs parked, guest time frozen.
+    Paused,
+    /// Stopped for good.
+    Shutdown,
+}
+
+/// Timings of the latest pause and resume, measured inside the VMM.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct PauseStats {
+    /// Pauses done.
+    pub pauses: u64,
+    /// Resumes done.
+    pub resumes: u64,
+    /// Pause request to every vCPU parked, ns.
+    pub last_park_ns: u64,
+    /// Time inside `TscState::freeze` (plus KVMCLOCK_CTRL), ns.
+    pub last_freeze_ns: u64,
+    /// Whole pause (park + freeze), ns.
+    pub last_pause_ns: u64,
+    /// Time inside `TscState::thaw`, ns.
+    pub last_thaw_ns: u64,
+    /// Thaw done to every vCPU released, ns.
+    pub last_unpark_ns: u64,
+    /// Whole resume (thaw + release), ns.
+    pub last_resume_ns: u64,
+}
+
+/// `KVM_MP_STATE_RUNNABLE`: the vCPU runs (rather than waiting for INIT/SIPI).
+const KVM_MP_STATE_RUNNABLE: u32 = 0;
+
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A running (or paused, or shut down) VM.
+pub struct Vm {
+    config: VmConfig,
+    hv_name: &'static str,
+    vm: Arc<dyn hypervisor::Vm>,
+    vcpus: VcpuSet,
+    probe: Arc<TimeProbe>,
+    state: RunState,
+    capture: Option<Capture>,
+    caps: TscCapabilities,
+    tsc_khz: u32,
+    last_report: Option<ClockReport>,
+    last_policy: ClockPolicy,
+    stats: PauseStats,
+    warnings: Vec<String>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("state", &self.state)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    /// Build the VM and start its vCPUs at the image's PVH entry.
+    pub fn boot(
+        hv: Arc<dyn Hypervisor>,
+        config: VmConfig,
+        events: Sender<VmEvent>,
+    ) -> Result<Self, VmError> {
+        let n = config.cpus.boot_vcpus;
+        let size = config.memory.size;
+        if config.kernel.is_none() {
+            if n > guest::MAX_VCPUS {
+                return Err(VmError::Config(format!(
+                    "the built-in test guest runs at most {} vCPUs, {n} asked",
+                    guest::MAX_VCPUS
+                )));
+            }
+            let need = guest::DIRTY_BASE + u64::from(config.dirty_mib) * (1 << 20);
+            if need > size {
+                return Err(VmError::Config(format!(
+                    "--dirty-mib {} needs at least {} MiB of memory, {} MiB given",
+                    config.dirty_mib,
+                    need.div_ceil(1 << 20),
+                    size >> 20
+                )));
+            }
+        }
+        let vm = hv.create_vm().map_err(hv_err("create the VM"))?;
+
+        let regions = arch::layout::ram_regions(size)?;
+        let memory = GuestMemoryMmap::from_ranges(&regions).map_err(|e| VmError::Memory {
+            size,
+            reason: e.to_string(),
+        })?;
+        for (slot, region) in memory.iter().enumerate() {
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|e| VmError::Memory {
+                    size,
+                    reason: e.to_string(),
+                })?;
+            // SAFETY: the region belongs to `memory`, which the VM's vCPU threads keep alive (an
+            // `Arc` in `Shared`) for as long as the VM can run.
+            unsafe {
+                vm.set_user_memory_region(
+                    slot as u32,
+                    region.start_addr().raw_value(),
+                    region.len(),
+                    host as u64,
+                    false,
+                )
+            }
+            .map_err(hv_err(format!("map guest memory slot {slot}")))?;
+        }
+        let memory = Arc::new(memory);
+
+        let image: std::borrow::Cow<'static, [u8]> = match &config.kernel {
+            Some(p) => std::fs::read(p)
+                .map_err(|source| VmError::Kernel {
+                    path: p.clone(),
+                    source,
+                })?
+                .into(),
+            None => guest::GUEST_ELF.into(),
+        };
+        let boot = arch::load_kernel(&memory, &image)?;
+        arch::configure_pvh(&memory, size)?;
+        arch::write_boot_gdt(&memory)?;
+        info!(
+            "loaded {} ({} bytes), PVH entry {:#x}",
+            config
+                .kernel
+                .as_ref()
+                .map_or("the built-in test guest".to_string(), |p| p
+                    .display()
+                    .to_string()),
+            image.len(),
+            boot.entry.raw_value()
+        );
+
+        let host_cpuid = hv
+            .supported_cpuid()
+            .map_err(hv_err("read the host CPUID"))?;
+        let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::with_capacity(n as usize);
+        for id in 0..n {
+            vcpus.push(
+                vm.create_vcpu(id)
+                    .map_err(hv_err(format!("create vCPU {id}")))?,
+            );
+        }
+        let tsc_khz = vm.guest_tsc_khz();
+        for v in &vcpus {
+            let id = v.id();
+            let cpuid = arch::build_cpuid(
+                &host_cpuid,
+                &arch::CpuidConfig {
+                    vcpu_id: id,
+                    vcpu_count: n,
+                    tsc_khz,
+                },
+            )?;
+            v.set_cpuid(&cpuid)
+                .map_err(hv_err(format!("set vCPU {id}'s CPUID")))?;
+            // With an in-kernel irqchip KVM creates application processors waiting for
+            // INIT/SIPI; the PVH contract starts every vCPU at the entry, so make them runnable.
+            let mut st = v
+                .state()
+                .map_err(hv_err(format!("read vCPU {id}'s state")))?;
+            if st.mp_state.is_some_and(|m| m != KVM_MP_STATE_RUNNABLE) {
+                st.mp_state = Some(KVM_MP_STATE_RUNNABLE);
+                v.set_state(&st)
+                    .map_err(hv_err(format!("make vCPU {id} runnable")))?;
+            }
+            if let Err(e) = v.set_msrs(&arch::boot_msrs()) {
+                warn!("vCPU {id}: boot MSRs not set: {e}");
+            }
+            let sregs = v
+                .sregs()
+                .map_err(hv_err(format!("read vCPU {id}'s special registers")))?;
+            v.set_sregs(&arch::pvh_boot_sregs(&sregs))
+                .map_err(hv_err(format!("set vCPU {id}'s special registers")))?;
+            v.set_regs(&arch::pvh_boot_regs(boot.entry))
+                .map_err(hv_err(format!("set vCPU {id}'s registers")))?;
+        }
+
+        let serial = Serial::new(&config.serial).map_err(|e| VmError::Device(e.to_string()))?;
+        let mut bus = PioBus::new();
+        bus.insert(COM1_PORT, SERIAL_PORT_LEN, Arc::new(Mutex::new(serial)))
+            .map_err(|e| VmError::Device(e.to_string()))?;
+        bus.insert(
+            devices::i8042::I8042_DATA_PORT,
+            5,
+            Arc::new(Mutex::new(I8042::new())),
+        )
+        .map_err(|e| VmError::Device(e.to_string()))?;
+        let probe = Arc::new(TimeProbe::new(n, config.dirty_mib, tsc_khz));
+        debug_assert!(PROBE_BASE.checked_add(PROBE_PORT_COUNT).is_some());
+
+        let caps = vm.tsc_capabilities();
+        let mut warnings = Vec::new();
+        if caps.offsets_honoured == Some(false) {
+            let w = "this host ignores TSC offsets: the guest TSC always equals the host TSC, so \
+                     only the host's own TSC can be shown to the guest (policy host_tsc); the \
+                     frozen policy cannot be applied"
+                .to_string();
+            warn!("{w}");
+            warnings.push(w);
+        }
+        info!(
+            "guest TSC {tsc_khz} kHz; host {:?} TSC {} kHz, offsets honoured {:?}, scaling {}",
+            caps.vendor, caps.host_tsc_khz, caps.offsets_honoured, caps.tsc_scaling
+        );
+
+        let shared = Arc::new(Shared::new(memory, bus, probe.clone(), events));
+        let vcpus = VcpuSet::start(shared, vcpus).map_err(VmError::Thread)?;
+        info!("VM running with {n} vCPU(s), {} MiB", size >> 20);
+        Ok(Self {
+            last_policy: config.clock_policy,
+            config,
+            hv_name: hv.name(),
+            vm,
+            vcpus,
+            probe,
+            state: RunState::Running,
+            capture: None,
+            caps,
+            tsc_khz,
+            last_report: None,
+            stats: PauseStats::default(),
+            warnings,
+        })
+    }
+
+    /// The run state.
+    pub fn state(&self) -> RunState {
+        self.state
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The time probe's report.
+    pub fn probe_report(&self) -> ProbeReport {
+        self.probe.report()
+    }
+
+    /// The latest pause/resume timings.
+    pub fn stats(&self) -> PauseStats {
+        self.stats
+    }
+
+    /// The report of the latest thaw.
+    pub fn last_clock_report(&self) -> Option<&ClockReport> {
+        self.last_report.as_ref()
+    }
+
+    /// Park every vCPU, then freeze guest time from one host sample and tell each vCPU's guest
+    /// (KVMCLOCK_CTRL) that the host stopped it.
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        match self.state {
+            RunState::Running => {}
+            RunState::Paused => {
+                return Err(VmError::InvalidState("the VM is already paused".into()))
+            }
+            RunState::Shutdown => return Err(VmError::InvalidState("the VM is shut down".into())),
+        }
+        let t0 = Instant::now();
+        let park = self.vcpus.pause()?;
+        let f0 = Instant::now();
+        let capture = {
+            let guards = self.vcpus.lock_all();
+            let refs: Vec<&dyn Vcpu> = guards.iter().map(|g| g.as_ref()).collect();
+            match self.vm.freeze(&refs) {
+                Ok(c) => {
+                    for v in &refs {
+                        if let Err(e) = v.notify_guest_clock_paused() {
+                            // EINVAL until the guest has enabled kvmclock: not an error.
+                            log::debug!("vCPU {}: KVMCLOCK_CTRL: {e}", v.id());
+                        }
+                    }
+                    c
+                }
+                Err(e) => {
+                    drop(refs);
+                    drop(guards);
+                    let _ = self.vcpus.resume();
+                    return Err(VmError::Hypervisor {
+                        what: "freeze guest time".into(),
+                        source: e,
+                    });
+                }
+            }
+        };
+        if capture.skew_cycles != 0 {
+            warn!(
+                "vCPU TSC offsets differed by {} cycles at freeze; the thaw writes one VM offset",
+                capture.skew_cycles
+            );
+        }
+        self.capture = Some(capture);
+        self.state = RunState::Paused;
+        self.stats.pauses += 1;
+        self.stats.last_park_ns = ns(park);
+        self.stats.last_freeze_ns = ns(f0.elapsed());
+        self.stats.last_pause_ns = ns(t0.elapsed());
+        info!(
+            "paused: vCPUs parked in {:?}, time frozen in {:?}",
+            park,
+            f0.elapsed()
+        );
+        Ok(())
+    }
+
+    /// Thaw guest time under `policy` before any vCPU runs, then release the vCPUs.
+    pub fn resume(&mut self, policy: ClockPolicy) -> Result<&ClockReport, VmError> {
+        match self.state {
+            RunState::Paused => {}
+            RunState::Running => return Err(VmError::InvalidState("the VM is not paused".into())),
+            RunState::Shutdown => return Err(VmError::InvalidState("the VM is shut down".into())),
+        }
+        let t0 = Instant::now();
+        let capture = self
+            .capture
+            .as_ref()
+            .ok_or_else(|| VmError::InvalidState("paused without a time capture".into()))?;
+        let report = {
+            let guards = self.vcpus.lock_all();
+            let refs: Vec<&dyn Vcpu> = guards.iter().map(|g| g.as_ref()).collect();
+            self.vm
+                .thaw(&refs, &capture.snapshot, policy)
+                .map_err(hv_err(format!("thaw guest time ({policy})")))?
+        };
+        let thaw = t0.elapsed();
+        for w in &report.warnings {
+            warn!("clock: {w}");
+        }
+        if report.policy_requested != policy || report.policy_applied_name() != policy.name() {
+            info!(
+                "clock policy requested {policy}, applied {:?}",
+                report.policy_applied
+            );
+        }
+        self.last_policy = policy;
+        self.last_report = Some(report);
+        self.capture = None;
+        // The vCPUs are released whatever happens next; a thread slow to be scheduled again is
+        // worth a warning, not a VM left half paused.
+        let unpark = self.vcpus.resume().unwrap_or_else(|e| {
+            warn!("resume: {e}");
+            crate::vcpu::PARK_TIMEOUT
+        });
+        self.state = RunState::Running;
+        self.stats.resumes += 1;
+        self.stats.last_thaw_ns = ns(thaw);
+        self.stats.last_unpark_ns = ns(unpark);
+        self.stats.last_resume_ns = ns(t0.elapsed());
+        info!("resumed: time thawed in {thaw:?}, vCPUs released in {unpark:?}");
+        Ok(self.last_report.as_ref().expect("set above"))
+    }
+
+    /// Stop every vCPU for good.
+    pub fn shutdown(&mut self) {
+        if self.state != RunState::Shutdown {
+            self.vcpus.stop();
+            self.state = RunState::Shutdown;
+            info!("VM shut down");
+        }
+    }
+
+    /// The `clock` object of `vm.info`.
+    pub fn clock_info(&self) -> serde_json::Value {
+        let r = self.last_report.as_ref();
+        let mut warnings = self.warnings.clone();
+        if let Some(r) = r {
+            for w in &r.warnings {
+                if !warnings.contains(w) {
+                    warnings.push(w.clone());
+                }
+            }
+        }
+        serde_json::json!({
+            "policy_requested": r.map_or(self.last_policy, |r| r.policy_requested),
+            "policy_default": self.config.clock_policy,
+            "policy_applied": r.map(|r| r.policy_applied),
+            "tsc_khz": self.tsc_khz,
+            "vm_offset": r.map(|r| r.vm_offset_applied.unwrap_or(r.vm_offset_planned)),
+            "vm_offset_planned": r.map(|r| r.vm_offset_planned),
+            "offsets_honoured": r.map_or(self.caps.offsets_honoured, |r| Some(r.offsets_honoured)),
+            "vendor": self.caps.vendor,
+            "backend": self.hv_name,
+            "capabilities": self.caps,
+            "last_freeze_duration_ns": self.stats.last_freeze_ns,
+            "last_elapsed_ns": r.map(|r| r.elapsed_ns),
+            "last_report": r,
+            "warnings": warnings,
+        })
+    }
+}
+
+/// The applied policy's name, to compare with the requested one.
+trait AppliedName {
+    fn policy_applied_name(&self) -> &'static str;
+}
+
+impl AppliedName for ClockReport {
+    fn policy_applied_name(&self) -> &'static str {
+        match self.policy_applied {
+            hypervisor::tsc::AppliedPolicy::Wallclock => "wallclock",
+            hypervisor::tsc::AppliedPolicy::Frozen => "frozen",
+            hypervisor::tsc::AppliedPolicy::HostTsc => "host_tsc",
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
