@@ -283,7 +283,6 @@ fn vcpu_loop(
                 break;
             }
             if c.pause || halted {
-                kicker.set(false);
                 c.parked += 1;
                 if halted {
                     c.halted += 1;
@@ -297,6 +296,10 @@ fn vcpu_loop(
                 if halted {
                     c.halted -= 1;
                 }
+                // Clear the immediate exit only now, under the lock: the kick of this pause may
+                // have landed after this thread parked (it saw the flag first), and a later
+                // pause sets the flag under this lock before it kicks again.
+                kicker.set(false);
                 shared.cv.notify_all();
                 continue;
             }
@@ -534,7 +537,7 @@ mod tests {
     fn pause_parks_every_vcpu_and_resume_releases_them() {
         let (mut set, c, _rx) = start(&[(u64::MAX, Then::Work); 3]);
         wait_all_above(&c, &[0, 0, 0]);
-        for _ in 0..20 {
+        for _ in 0..100 {
             set.pause().unwrap();
             // Every vCPU lock is free: the threads are parked, not running.
             let guards = set.lock_all();
