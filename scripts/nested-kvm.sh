@@ -14,7 +14,7 @@
 # and at least one ran. Everything is cached under target/nested/ (see scripts/nested/README.md).
 #
 # Environment: NESTED_TIMEOUT_S (whole run of one host, default 840), NESTED_TEST_TIMEOUT_S (one
-# test, default 600), NESTED_MEM_MB (1024), NESTED_SMP (2), NESTED_SMP_B (NESTED_SMP),
+# test, default 300), NESTED_MEM_MB (1024), NESTED_SMP (2), NESTED_SMP_B (NESTED_SMP),
 # NESTED_B_DELAY_S (2: B boots this long after A is ready), NESTED_SHARE_MB (256),
 # NESTED_REQUIRE=1 (fail instead of skipping where QEMU cannot be installed), NESTED_PACKAGES
 # (space-separated cargo packages to build instead of the whole workspace), NESTED_SKIP_FILTER
@@ -48,6 +48,14 @@ TIMEOUT_S=${NESTED_TIMEOUT_S:-840}
 MEM_MB=${NESTED_MEM_MB:-1024}
 SMP_A=${NESTED_SMP:-2}
 SMP_B=${NESTED_SMP_B:-$SMP_A}
+# One run at a time: runs share the cache and the run files, and two emulated hosts per run are
+# already all that 2 cores can carry.
+exec 9>"$N/lock"
+if ! flock -n 9; then
+    echo "nested-kvm: waiting for another scripts/nested-kvm.sh run to finish" >&2
+    flock 9
+fi
+
 T_START=$(date +%s.%N)
 
 log() { echo "nested-kvm: $*" >&2; }
@@ -190,7 +198,10 @@ while IFS=$'\t' read -r kind exe dir; do
         log "warning: $exe --list failed (not a libtest harness?); not run"
         continue
     fi
+    # libtest filters by substring; keep the tests whose own name (the last path segment) starts
+    # with FILTER, or any match when FILTER names a path (contains ::).
     sed -n 's/^\(.*\): test$/\1/p' <<<"$out" | while IFS= read -r name; do
+        [[ "$FILTER" == *::* || "${name##*::}" == "$FILTER"* ]] || continue
         printf '%s\t%s\t%s\n' "$exe" "$dir" "$name"
     done >>"$N/tests.tsv"
 done <"$N/executables.tsv"
@@ -216,7 +227,7 @@ cp "$KD"/mods/*.ko "$S/modules/"
 cp "$KD/modules.order" "$S/etc/hourglass-nested/modules"
 cp "$N/tests.tsv" "$S/etc/hourglass-nested/tests"
 {
-    echo "TEST_TIMEOUT_S=${NESTED_TEST_TIMEOUT_S:-600}"
+    echo "TEST_TIMEOUT_S=${NESTED_TEST_TIMEOUT_S:-300}"
     echo "SHARE_WAIT_S=$TIMEOUT_S"
     echo "PEER_WAIT_S=$TIMEOUT_S"
 } >"$S/etc/hourglass-nested/env"

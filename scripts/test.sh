@@ -28,6 +28,8 @@ cargo test --workspace -- --test-threads="${TEST_THREADS:-2}"
 if [ -x scripts/nested-kvm.sh ] && [ "${SKIP_NESTED:-0}" != 1 ]; then
     step "nested kvm_amd (TSC offsets honoured)"
     scripts/nested-kvm.sh
+    step "nested kvm_amd, two hosts (different TSC bases)"
+    scripts/nested-kvm.sh --two-hosts
 fi
 
 if [ -x scripts/fuzz.sh ] && [ "${SKIP_FUZZ:-0}" != 1 ]; then
