@@ -41,6 +41,10 @@ struct Ctl {
     parked: u32,
     halted: u32,
     exited: u32,
+    /// When the latest resume released the park.
+    released_at: Option<Instant>,
+    /// Resume to the last running vCPU thread out of the park, ns (measured by that thread).
+    last_release_ns: u64,
 }
 
 /// State shared by the controller and the vCPU threads.
@@ -208,24 +212,26 @@ impl VcpuSet {
         self.shared.cv.notify_all();
     }
 
-    /// Release every parked vCPU; returns when all have left the park (are about to run).
-    pub fn resume(&self) -> Result<Duration, PauseError> {
+    /// Release every parked vCPU and return at once.
+    ///
+    /// There is nothing to wait for: `parked` counts the threads that are inside the park loop
+    /// at this moment (a thread decrements it only as it leaves), so a pause that follows at
+    /// once still sees exactly the threads that never left. How long the threads take to be
+    /// scheduled out of the park is measured by the last of them ([`Self::last_release`]).
+    pub fn resume(&self) -> Duration {
         let t0 = Instant::now();
-        self.unpause();
-        let c = self.shared.lock();
-        let (c, to) = self
-            .shared
-            .cv
-            .wait_timeout_while(c, PARK_TIMEOUT, |c| c.parked > c.halted)
-            .unwrap_or_else(|e| e.into_inner());
-        if to.timed_out() {
-            return Err(PauseError::Timeout {
-                parked: c.parked,
-                expected: c.halted,
-                timeout: PARK_TIMEOUT,
-            });
+        {
+            let mut c = self.shared.lock();
+            c.released_at = Some(t0);
         }
-        Ok(t0.elapsed())
+        self.unpause();
+        t0.elapsed()
+    }
+
+    /// Resume to every vCPU thread out of the park, for the latest resume whose threads have
+    /// all left (0 before the first).
+    pub fn last_release(&self) -> Duration {
+        Duration::from_nanos(self.shared.lock().last_release_ns)
     }
 
     /// Lock every vCPU (call while paused, when no thread holds one).
@@ -295,6 +301,11 @@ fn vcpu_loop(
                 c.parked -= 1;
                 if halted {
                     c.halted -= 1;
+                }
+                if c.parked == c.halted {
+                    if let Some(t) = c.released_at.take() {
+                        c.last_release_ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    }
                 }
                 // Clear the immediate exit only now, under the lock: the kick of this pause may
                 // have landed after this thread parked (it saw the flag first), and a later
@@ -547,7 +558,7 @@ mod tests {
             // Parked threads do not run the vCPU (observed over a short window).
             std::thread::sleep(Duration::from_millis(5));
             assert_eq!(snapshot(&c), frozen, "a vCPU ran while paused");
-            set.resume().unwrap();
+            set.resume();
             wait_all_above(&c, &frozen);
         }
         set.stop();
@@ -566,7 +577,7 @@ mod tests {
         let guards = set.lock_all();
         assert_eq!(guards.len(), 3);
         drop(guards);
-        set.resume().unwrap();
+        set.resume();
         let before = snapshot(&c);
         wait_all_above(&c[..1], &before[..1]);
         set.stop();

@@ -100,8 +100,10 @@ pub struct PauseStats {
     pub last_pause_ns: u64,
     /// Time inside `TscState::thaw`, ns.
     pub last_thaw_ns: u64,
-    /// Thaw done to every vCPU released, ns.
+    /// Thaw done to the park opened (the resume request is answered after this), ns.
     pub last_unpark_ns: u64,
+    /// Park opened to the last vCPU thread scheduled out of it, ns (measured by that thread).
+    pub last_released_ns: u64,
     /// Whole resume (thaw + release), ns.
     pub last_resume_ns: u64,
 }
@@ -328,7 +330,10 @@ impl Vm {
 
     /// The latest pause/resume timings.
     pub fn stats(&self) -> PauseStats {
-        self.stats
+        PauseStats {
+            last_released_ns: ns(self.vcpus.last_release()),
+            ..self.stats
+        }
     }
 
     /// The report of the latest thaw.
@@ -365,7 +370,7 @@ impl Vm {
                 Err(e) => {
                     drop(refs);
                     drop(guards);
-                    let _ = self.vcpus.resume();
+                    self.vcpus.resume();
                     return Err(VmError::Hypervisor {
                         what: "freeze guest time".into(),
                         source: e,
@@ -427,10 +432,7 @@ impl Vm {
         self.capture = None;
         // The vCPUs are released whatever happens next; a thread slow to be scheduled again is
         // worth a warning, not a VM left half paused.
-        let unpark = self.vcpus.resume().unwrap_or_else(|e| {
-            warn!("resume: {e}");
-            crate::vcpu::PARK_TIMEOUT
-        });
+        let unpark = self.vcpus.resume();
         self.state = RunState::Running;
         self.stats.resumes += 1;
         self.stats.last_thaw_ns = ns(thaw);
