@@ -27,7 +27,9 @@ fn run() -> Result<(), hypervisor::HypervisorError> {
         hv.vendor(),
         serde_json::to_string_pretty(&caps).unwrap_or_default()
     );
-    let vcpus: Vec<Box<dyn Vcpu>> = (0..2).map(|i| vm.create_vcpu(i)).collect::<Result<_, _>>()?;
+    let vcpus: Vec<Box<dyn Vcpu>> = (0..2)
+        .map(|i| vm.create_vcpu(i))
+        .collect::<Result<_, _>>()?;
     let refs: Vec<&dyn Vcpu> = vcpus.iter().map(|v| v.as_ref()).collect();
 
     let capture = vm.freeze(&refs)?;

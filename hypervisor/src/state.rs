@@ -45,7 +45,9 @@ pub enum VcpuStateError {
     #[error("vcpu_state.msrs: MSR {0:#x} appears more than once")]
     DuplicateMsr(u32),
     /// The TSC MSRs belong to the TscSnapshot, not here.
-    #[error("vcpu_state.msrs: MSR {0:#x} is restored through the TSC snapshot, not the vCPU state")]
+    #[error(
+        "vcpu_state.msrs: MSR {0:#x} is restored through the TSC snapshot, not the vCPU state"
+    )]
     TscMsr(u32),
 }
 
@@ -232,7 +234,10 @@ mod tests {
         assert!(e.contains("lapic") && e.contains("1024"), "{e}");
 
         let mut raw: RawVcpuState = sample().into();
-        raw.msrs.push(MsrEntry { index: 0x10, data: 1 });
+        raw.msrs.push(MsrEntry {
+            index: 0x10,
+            data: 1,
+        });
         let e = VcpuState::from_json(&serde_json::to_string(&raw).unwrap()).unwrap_err();
         assert!(e.contains("0x10"), "{e}");
 

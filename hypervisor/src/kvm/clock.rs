@@ -67,7 +67,8 @@ pub fn sample(vm: &VmFd) -> Result<ClockSample, HypervisorError> {
         .get_clock()
         .map_err(|e| HypervisorError::ioctl("KVM_GET_CLOCK", e.errno()))?;
     let flags = data.flags;
-    if flags & (KVM_CLOCK_REALTIME | KVM_CLOCK_HOST_TSC) == (KVM_CLOCK_REALTIME | KVM_CLOCK_HOST_TSC)
+    if flags & (KVM_CLOCK_REALTIME | KVM_CLOCK_HOST_TSC)
+        == (KVM_CLOCK_REALTIME | KVM_CLOCK_HOST_TSC)
     {
         return Ok(ClockSample {
             kvmclock_ns: data.clock,

@@ -101,7 +101,9 @@ fn delta_matches(h0: u64, guest: u64, h1: u64, expected_delta: u64) -> bool {
 
 /// Probe the host on a scratch VM, so the VMs the caller creates are never touched.
 fn probe(kvm: &Kvm, vendor: Vendor) -> Result<TscCapabilities, HypervisorError> {
-    let adjust = kvm.check_extension_raw(u64::from(KVM_CAP_ADJUST_CLOCK)).max(0) as u32;
+    let adjust = kvm
+        .check_extension_raw(u64::from(KVM_CAP_ADJUST_CLOCK))
+        .max(0) as u32;
     let vm = kvm
         .create_vm()
         .map_err(|e| HypervisorError::ioctl("KVM_CREATE_VM", e.errno()))?;
@@ -189,7 +191,12 @@ mod tests {
     #[test]
     fn probe_delta_window() {
         // Honoured: guest = host + offset (+ a little).
-        assert!(delta_matches(1000, 1000 + PROBE_OFFSET + 50, 1100, PROBE_OFFSET));
+        assert!(delta_matches(
+            1000,
+            1000 + PROBE_OFFSET + 50,
+            1100,
+            PROBE_OFFSET
+        ));
         // Ignored: guest = host.
         assert!(!delta_matches(1000, 1050, 1100, PROBE_OFFSET));
         // Wrap-around of the host TSC.

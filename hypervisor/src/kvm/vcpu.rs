@@ -65,8 +65,8 @@ impl KvmKicker {
                 std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
             ));
         }
-        let base = NonNull::new(p)
-            .ok_or_else(|| HypervisorError::ioctl("mmap(kvm_run)", libc::ENOMEM))?;
+        let base =
+            NonNull::new(p).ok_or_else(|| HypervisorError::ioctl("mmap(kvm_run)", libc::ENOMEM))?;
         Ok(KvmKicker { base, len })
     }
 }
@@ -116,7 +116,6 @@ impl KvmVcpu {
         &self.fd
     }
 
-
     /// Read MSRs; with `lenient`, skip the ones the host refuses instead of failing.
     fn read_msrs(&self, indices: &[u32], lenient: bool) -> Result<Vec<MsrEntry>, HypervisorError> {
         let mut out = Vec::with_capacity(indices.len());
@@ -147,7 +146,11 @@ impl KvmVcpu {
                         self.id, chunk[n]
                     )));
                 }
-                log::debug!("vCPU {}: MSR {:#x} not readable, skipped", self.id, chunk[n]);
+                log::debug!(
+                    "vCPU {}: MSR {:#x} not readable, skipped",
+                    self.id,
+                    chunk[n]
+                );
                 rest = &rest[n + 1..];
             } else {
                 rest = &rest[chunk.len()..];
@@ -180,7 +183,8 @@ impl KvmVcpu {
 
     /// Write the MSRs `set_state` held back until the TSC was in place.
     fn flush_after_tsc(&self) -> Result<(), HypervisorError> {
-        let pending = std::mem::take(&mut *self.after_tsc.lock().unwrap_or_else(|e| e.into_inner()));
+        let pending =
+            std::mem::take(&mut *self.after_tsc.lock().unwrap_or_else(|e| e.into_inner()));
         self.write_msrs(&pending)
     }
 }

@@ -30,6 +30,8 @@ pub struct KvmVm {
     pub(crate) guest_khz: AtomicU32,
     /// Whether the last thaw's read-back showed offsets honoured (refines the probe).
     pub(crate) offsets_seen: Mutex<Option<bool>>,
+    /// The last snapshot this VM froze: thawing it again is a resume on the same host and boot.
+    pub(crate) last_capture: Mutex<Option<crate::tsc::TscSnapshot>>,
 }
 
 impl KvmVm {
@@ -63,6 +65,7 @@ impl KvmVm {
             caps,
             vcpu_caps,
             offsets_seen: Mutex::new(None),
+            last_capture: Mutex::new(None),
         })
     }
 
@@ -103,7 +106,11 @@ impl Vm for KvmVm {
             guest_phys_addr,
             memory_size: size,
             userspace_addr: host_addr,
-            flags: if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            flags: if dirty_log {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
         };
         // SAFETY: the caller guarantees (this function's contract) that the host range stays
         // mapped and writable for the VM's lifetime.

@@ -69,7 +69,10 @@ impl Hypervisor for MshvHypervisor {
         self.vendor
     }
     fn create_vm(&self) -> Result<Arc<dyn Vm>, HypervisorError> {
-        let fd = self.mshv.create_vm().map_err(err("MSHV_CREATE_PARTITION"))?;
+        let fd = self
+            .mshv
+            .create_vm()
+            .map_err(err("MSHV_CREATE_PARTITION"))?;
         fd.initialize().map_err(err("MSHV_INITIALIZE_PARTITION"))?;
         let host_khz = host_tsc_khz();
         Ok(Arc::new(MshvVm {
@@ -168,7 +171,14 @@ impl TscState for MshvVm {
             .map(|v| v.tsc_reading())
             .collect::<Result<Vec<_>, _>>()?;
         let khz = self.guest_tsc_khz();
-        Ok(capture(&sample, &self.host(khz)?, khz, &readings, true, true)?)
+        Ok(capture(
+            &sample,
+            &self.host(khz)?,
+            khz,
+            &readings,
+            true,
+            true,
+        )?)
     }
     fn thaw(
         &self,
@@ -204,8 +214,9 @@ impl TscState for MshvVm {
             None,
             true,
         );
-        r.warnings
-            .push("mshv: the guest TSC follows the partition reference time; no per-vCPU offsets".into());
+        r.warnings.push(
+            "mshv: the guest TSC follows the partition reference time; no per-vCPU offsets".into(),
+        );
         Ok(r)
     }
 }
@@ -358,7 +369,9 @@ impl Vcpu for MshvVcpu {
             .collect();
         let mut m = Msrs::from_entries(&e)
             .map_err(|_| HypervisorError::InvalidArgument("too many MSRs".into()))?;
-        self.fd.get_msrs(&mut m).map_err(err("MSHV_GET_VP_REGISTERS"))?;
+        self.fd
+            .get_msrs(&mut m)
+            .map_err(err("MSHV_GET_VP_REGISTERS"))?;
         Ok(m.as_slice()
             .iter()
             .map(|e| MsrEntry {

@@ -4,8 +4,8 @@
 //! empty whenever the interrupt controller is in the kernel (this crate always creates one).
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_dtable, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs,
+    kvm_cpuid_entry2, kvm_dtable, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs,
 };
 
 use crate::arch::{

@@ -8,6 +8,10 @@
 //! TSC_DEADLINE held back by `set_state`) -> read back the offset and `MSR_IA32_TSC` -> if the host
 //! honoured them, `KVM_SET_CLOCK { k + elapsed, T', REALTIME }`.
 //!
+//! **Resume on the same host**: when the snapshot is the one this VM itself froze last, the
+//! `wallclock` policy measures the pause with the host TSC (`scale(H') - scale(H)`, so `O' = O`)
+//! instead of realtime, which is exact and immune to a coarse or stepped CLOCK_REALTIME.
+//!
 //! **Hosts that ignore offsets** (accept the write, keep the guest on the host TSC): detected by
 //! the read-back (and by a probe at hypervisor creation, so later thaws skip the futile writes).
 //! kvmclock is then made to agree with the TSC the guest really has
@@ -24,8 +28,9 @@ use crate::cpu::Vcpu;
 use crate::kvm::clock::{self, ClockSample};
 use crate::kvm::KvmVm;
 use crate::tsc::{
-    self, capture, compute_ratio, plan_for_actual_tsc, plan_thaw, scale_tsc, tsc_ratio, Capture,
-    ClockPolicy, ClockReport, HostSample, HostTsc, ThawPlan, TscSnapshot,
+    self, capture, compute_ratio, cycles_to_ns, plan_for_actual_tsc, plan_thaw, plan_thaw_elapsed,
+    scale_tsc, tsc_ratio, Capture, ClockPolicy, ClockReport, Elapsed, HostSample, HostTsc,
+    ThawPlan, TscSnapshot,
 };
 use crate::vm::TscState;
 use crate::{HypervisorError, TscCapabilities};
@@ -64,7 +69,11 @@ impl KvmVm {
 
     /// The host's TSC parameters for the current guest frequency.
     fn host_tsc(&self) -> Result<HostTsc, HypervisorError> {
-        let choice = tsc_ratio(self.caps.vendor, self.caps.host_tsc_khz, self.guest_khz_now())?;
+        let choice = tsc_ratio(
+            self.caps.vendor,
+            self.caps.host_tsc_khz,
+            self.guest_khz_now(),
+        )?;
         Ok(HostTsc {
             vendor: self.caps.vendor,
             host_khz: self.caps.host_tsc_khz,
@@ -142,8 +151,7 @@ impl KvmVm {
         policy: ClockPolicy,
         now: &HostSample,
         host: &HostTsc,
-        planned: &ThawPlan,
-        sample_flags_realtime: bool,
+        planned_vm_offset: u64,
     ) -> Result<ClockReport, HypervisorError> {
         let actual = self.actual_vm_tsc(vcpus[0], now, host, snap.tsc_adjust()[0])?;
         // Refused before anything is written.
@@ -154,32 +162,104 @@ impl KvmVm {
                 data: *a,
             }])?;
         }
-        clock::set_clock(
-            &self.fd,
-            plan.set_clock.clock_ns,
-            plan.set_clock.realtime_ns,
-            sample_flags_realtime,
-        )?;
+        let err = self.set_clock_verified(snap, &plan, now, host)?;
         let mut report = ClockReport::from_plan(
             policy,
             &plan,
             self.caps.vendor,
             snap.tsc_khz(),
-            planned.vm_offset,
+            planned_vm_offset,
             Some(plan.vm_offset),
             false,
         );
-        report.warnings.insert(0, IGNORED_OFFSETS_WARNING.to_string());
+        report
+            .warnings
+            .insert(0, IGNORED_OFFSETS_WARNING.to_string());
+        report.warnings.extend(clock_error_warning(err));
         Ok(report)
     }
 
+    /// `KVM_SET_CLOCK` from the plan, then verify: read `KVM_GET_CLOCK` (kvmclock and host TSC
+    /// of one instant) and compare kvmclock with what the VM TSC implies,
+    /// `k + (G_now - G) / f_g`. KVM anchors the value at its master-clock update and adds the
+    /// realtime since `T'` a moment later; the few instructions between the two cost ~0.2 µs on
+    /// real hardware but up to tens of µs, varying from call to call, on an emulated host. So
+    /// the same `KVM_SET_CLOCK` is repeated (up to [`CLOCK_SET_ATTEMPTS`]) until the error is
+    /// within [`CLOCK_TOLERANCE_NS`]; past that the report carries a warning.
+    /// Returns the remaining error in ns.
+    fn set_clock_verified(
+        &self,
+        snap: &TscSnapshot,
+        plan: &ThawPlan,
+        now: &HostSample,
+        host: &HostTsc,
+    ) -> Result<Option<i64>, HypervisorError> {
+        let fb = self.frac_bits();
+        let eff = plan
+            .guest_tsc
+            .wrapping_sub(scale_tsc(now.host_tsc, host.ratio, fb));
+        let clock_ns = plan.set_clock.clock_ns;
+        let mut err = None;
+        for _ in 0..CLOCK_SET_ATTEMPTS {
+            clock::set_clock(
+                &self.fd,
+                clock_ns,
+                plan.set_clock.realtime_ns,
+                self.caps.clock_realtime,
+            )?;
+            let h0 = clock::rdtsc();
+            let d = self
+                .fd
+                .get_clock()
+                .map_err(|e| HypervisorError::ioctl("KVM_GET_CLOCK", e.errno()))?;
+            let h1 = clock::rdtsc();
+            // Without KVM's own host TSC (no master clock: e.g. vCPUs with different
+            // TSC_ADJUST), the middle of a bracket stands in, and the tolerance widens by half
+            // its width.
+            let (h, slack) = if d.flags & kvm_bindings::KVM_CLOCK_HOST_TSC != 0 {
+                (d.host_tsc, 0)
+            } else {
+                let span = h1.wrapping_sub(h0);
+                (
+                    h0.wrapping_add(span / 2),
+                    cycles_to_ns(span / 2, self.caps.host_tsc_khz),
+                )
+            };
+            let vm_tsc = scale_tsc(h, host.ratio, fb).wrapping_add(eff);
+            let cycles = vm_tsc.wrapping_sub(snap.vm_tsc());
+            let predicted = if (cycles as i64) >= 0 {
+                snap.kvmclock_ns()
+                    .wrapping_add(cycles_to_ns(cycles, snap.tsc_khz()))
+            } else {
+                snap.kvmclock_ns()
+                    .wrapping_sub(cycles_to_ns(cycles.wrapping_neg(), snap.tsc_khz()))
+            };
+            let e = d.clock.wrapping_sub(predicted) as i64;
+            err = Some(e);
+            if e.unsigned_abs() <= CLOCK_TOLERANCE_NS + slack {
+                break;
+            }
+        }
+        Ok(err)
+    }
+
     /// Kernels without KVM_VCPU_TSC_OFFSET: MSR_IA32_TSC = G' + A_i, computed for one instant.
-    fn write_tsc_msrs(&self, vcpus: &[&dyn Vcpu], plan: &ThawPlan, now: &HostSample, host: &HostTsc) -> Result<(), HypervisorError> {
+    fn write_tsc_msrs(
+        &self,
+        vcpus: &[&dyn Vcpu],
+        plan: &ThawPlan,
+        now: &HostSample,
+        host: &HostTsc,
+    ) -> Result<(), HypervisorError> {
         let fb = self.frac_bits();
         let h = clock::rdtsc();
-        let g_now = plan.guest_tsc.wrapping_add(
-            scale_tsc(h, host.ratio, fb).wrapping_sub(scale_tsc(now.host_tsc, host.ratio, fb)),
-        );
+        let g_now =
+            plan.guest_tsc
+                .wrapping_add(scale_tsc(h, host.ratio, fb).wrapping_sub(scale_tsc(
+                    now.host_tsc,
+                    host.ratio,
+                    fb,
+                )));
         for (v, a) in vcpus.iter().zip(&plan.tsc_adjust) {
             v.set_msrs(&[
                 MsrEntry {
@@ -193,6 +273,21 @@ impl KvmVm {
             ])?;
         }
         Ok(())
+    }
+}
+
+/// kvmclock and the TSC must agree within this after a thaw (DESIGN.md: 1 µs).
+const CLOCK_TOLERANCE_NS: u64 = 1_000;
+/// `KVM_SET_CLOCK` tries before the report warns instead.
+const CLOCK_SET_ATTEMPTS: usize = 8;
+
+/// A report warning when kvmclock still disagrees with the TSC by more than the tolerance.
+fn clock_error_warning(err: Option<i64>) -> Option<String> {
+    match err {
+        Some(e) if e.unsigned_abs() > CLOCK_TOLERANCE_NS => Some(format!(
+            "kvmclock disagrees with the TSC by {e} ns after the thaw (tolerance {CLOCK_TOLERANCE_NS} ns)"
+        )),
+        _ => None,
     }
 }
 
@@ -263,14 +358,16 @@ impl TscState for KvmVm {
             .map(|v| v.tsc_reading())
             .collect::<Result<Vec<_>, _>>()?;
         let honoured = self.offsets_honoured().unwrap_or(true);
-        Ok(capture(
+        let c = capture(
             &HostSample::from(&sample),
             &host,
             self.guest_khz_now(),
             &readings,
             sample.tsc_stable(),
             honoured,
-        )?)
+        )?;
+        *self.last_capture.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.snapshot.clone());
+        Ok(c)
     }
 
     fn thaw(
@@ -287,11 +384,23 @@ impl TscState for KvmVm {
         let host = self.host_tsc()?;
         let sample = clock::sample(&self.fd)?;
         let now = HostSample::from(&sample);
-        let plan = plan_thaw(snap, &now, &host, policy)?;
-        let realtime_flag = self.caps.clock_realtime;
+        let own = self
+            .last_capture
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            == Some(snap);
+        let plan = match policy {
+            // Resuming our own freeze: the host TSC measures the pause exactly (O' = O).
+            ClockPolicy::Wallclock if own => {
+                plan_thaw_elapsed(snap, &now, &host, Elapsed::SameHostTsc)
+                    .or_else(|_| plan_thaw(snap, &now, &host, policy))?
+            }
+            _ => plan_thaw(snap, &now, &host, policy)?,
+        };
 
         if self.offsets_honoured() == Some(false) {
-            return self.thaw_host_tsc(vcpus, snap, policy, &now, &host, &plan, realtime_flag);
+            return self.thaw_host_tsc(vcpus, snap, policy, &now, &host, plan.vm_offset);
         }
 
         // Keep what is there, to put it back if the thaw has to be refused.
@@ -307,9 +416,13 @@ impl TscState for KvmVm {
         if self.caps.tsc_offset_attr {
             for (i, v) in vcpus.iter().enumerate() {
                 let wb = v.set_tsc(plan.vcpu_offsets[i], plan.tsc_adjust[i])?;
-                let lo = scale_tsc(wb.host_tsc_before, host.ratio, fb).wrapping_add(plan.vcpu_offsets[i]);
-                let hi = scale_tsc(wb.host_tsc_after, host.ratio, fb).wrapping_add(plan.vcpu_offsets[i]);
-                if wb.offset_read_back != plan.vcpu_offsets[i] || !within(wb.guest_tsc, lo, hi, slack) {
+                let lo = scale_tsc(wb.host_tsc_before, host.ratio, fb)
+                    .wrapping_add(plan.vcpu_offsets[i]);
+                let hi =
+                    scale_tsc(wb.host_tsc_after, host.ratio, fb).wrapping_add(plan.vcpu_offsets[i]);
+                if wb.offset_read_back != plan.vcpu_offsets[i]
+                    || !within(wb.guest_tsc, lo, hi, slack)
+                {
                     honoured = false;
                 }
                 if i == 0 {
@@ -325,13 +438,19 @@ impl TscState for KvmVm {
                     .to_string(),
             );
             let h = clock::rdtsc();
-            let expect = plan.guest_tsc.wrapping_add(
-                scale_tsc(h, host.ratio, fb).wrapping_sub(scale_tsc(now.host_tsc, host.ratio, fb)),
-            );
+            let expect =
+                plan.guest_tsc
+                    .wrapping_add(scale_tsc(h, host.ratio, fb).wrapping_sub(scale_tsc(
+                        now.host_tsc,
+                        host.ratio,
+                        fb,
+                    )));
             for (i, v) in vcpus.iter().enumerate() {
                 let (_, g, h1) = bracketed(*v)?;
                 let upper = expect
-                    .wrapping_add(scale_tsc(h1, host.ratio, fb).wrapping_sub(scale_tsc(h, host.ratio, fb)))
+                    .wrapping_add(
+                        scale_tsc(h1, host.ratio, fb).wrapping_sub(scale_tsc(h, host.ratio, fb)),
+                    )
                     .wrapping_add(plan.tsc_adjust[i]);
                 if !within(g, expect.wrapping_add(plan.tsc_adjust[i]), upper, slack) {
                     honoured = false;
@@ -343,7 +462,7 @@ impl TscState for KvmVm {
 
         if !honoured {
             log::warn!("{IGNORED_OFFSETS_WARNING}");
-            match self.thaw_host_tsc(vcpus, snap, policy, &now, &host, &plan, realtime_flag) {
+            match self.thaw_host_tsc(vcpus, snap, policy, &now, &host, plan.vm_offset) {
                 Ok(r) => return Ok(r),
                 Err(e) => {
                     // Put the offsets and TSC_ADJUST back as they were.
@@ -362,12 +481,7 @@ impl TscState for KvmVm {
             }
         }
 
-        clock::set_clock(
-            &self.fd,
-            plan.set_clock.clock_ns,
-            plan.set_clock.realtime_ns,
-            realtime_flag,
-        )?;
+        let err = self.set_clock_verified(snap, &plan, &now, &host)?;
         let mut report = ClockReport::from_plan(
             policy,
             &plan,
@@ -378,6 +492,7 @@ impl TscState for KvmVm {
             true,
         );
         report.warnings.extend(warnings);
+        report.warnings.extend(clock_error_warning(err));
         Ok(report)
     }
 }

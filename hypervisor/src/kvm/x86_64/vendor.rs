@@ -24,8 +24,11 @@ pub enum RestoreStep {
 }
 
 /// The order of [`RestoreStep`]s, the same on both vendors.
-pub const RESTORE_ORDER: [RestoreStep; 3] =
-    [RestoreStep::Ordinary, RestoreStep::Tsc, RestoreStep::AfterTsc];
+pub const RESTORE_ORDER: [RestoreStep; 3] = [
+    RestoreStep::Ordinary,
+    RestoreStep::Tsc,
+    RestoreStep::AfterTsc,
+];
 
 /// MSRs written only after the TSC is restored.
 pub const AFTER_TSC_MSRS: &[u32] = &[msr::IA32_TSC_DEADLINE];
@@ -57,6 +60,11 @@ pub const COMMON_MSRS: &[u32] = &[
     0x4b56_4d05, // MSR_KVM_POLL_CONTROL
     0x4b56_4d06, // MSR_KVM_ASYNC_PF_INT
 ];
+
+/// MSRs saved even when the host's index list omits them (a host may hide RDTSCP from the
+/// guest CPUID and so leave TSC_AUX off its list while still reading and writing it); each is
+/// skipped if the read fails.
+pub const ALWAYS_TRY_MSRS: &[u32] = &[msr::TSC_AUX];
 
 /// One vendor's row.
 #[derive(Debug)]
@@ -119,7 +127,9 @@ impl VendorProfile {
             .iter()
             .chain(self.extra_msrs)
             .copied()
-            .filter(|m| host_list.contains(m) && !TSC_MSRS.contains(m))
+            .filter(|m| {
+                (host_list.contains(m) || ALWAYS_TRY_MSRS.contains(m)) && !TSC_MSRS.contains(m)
+            })
             .collect()
     }
 }
@@ -152,11 +162,17 @@ mod tests {
 
     #[test]
     fn saved_msrs_keep_tsc_aux_drop_tsc_and_follow_host_list() {
-        let host = [msr::TSC_AUX, msr::IA32_TSC, msr::IA32_TSC_ADJUST, 0x3a, 0xc001_0015];
+        let host = [
+            0x174,
+            msr::IA32_TSC,
+            msr::IA32_TSC_ADJUST,
+            0x3a,
+            0xc001_0015,
+        ];
         let intel = profile(Vendor::Intel).saved_msrs(&host);
-        assert_eq!(intel, vec![msr::TSC_AUX, 0x3a]);
+        assert_eq!(intel, vec![0x174, msr::TSC_AUX, 0x3a]);
         let amd = profile(Vendor::Amd).saved_msrs(&host);
-        assert_eq!(amd, vec![msr::TSC_AUX, 0xc001_0015]);
+        assert_eq!(amd, vec![0x174, msr::TSC_AUX, 0xc001_0015]);
     }
 
     #[test]
