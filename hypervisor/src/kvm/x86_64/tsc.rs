@@ -172,9 +172,8 @@ impl KvmVm {
             Some(plan.vm_offset),
             false,
         );
-        report
-            .warnings
-            .insert(0, IGNORED_OFFSETS_WARNING.to_string());
+        // The plan (tsc::plan_for_actual_tsc) already carries the "host ignores TSC offsets"
+        // warning with the elapsed time it gave kvmclock; one warning per fact.
         report.warnings.extend(clock_error_warning(err));
         Ok(report)
     }
