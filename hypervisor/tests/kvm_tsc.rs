@@ -292,7 +292,7 @@ fn freeze_thaw_both_policies_keep_tsc_and_kvmclock_consistent() {
                 report
                     .warnings
                     .iter()
-                    .any(|w| w.contains("this host ignores TSC offsets")),
+                    .any(|w| w.contains("host ignores TSC offsets")),
                 "{:?}",
                 report.warnings
             );
