@@ -10,6 +10,7 @@
 //! | 0x8 | read | MiB of RAM the guest dirties from `guest::DIRTY_BASE` (0 = none) |
 //! | 0xc | read | guest TSC kHz (0 = unknown; the guest prefers CPUID 0x40000010) |
 //! | 0x10 | write | doorbell: guest-physical address of the vCPU's record |
+//! | 0x14 | read | idle mode: µs each vCPU halts between samples (0 = busy loop); [`TimeProbe::set_idle_us`] |
 //!
 //! A record is [`RECORD_WORDS`] little-endian `u64`s (layout: the `REC_*`
 //! constants of the `guest` crate). On a doorbell the device copies the
@@ -25,12 +26,12 @@ use std::sync::{Mutex, MutexGuard};
 
 use guest::{
     CMD_HALT, CMD_SET_TSC_ADJUST, CMD_SIMULATE_SKEW, FLAG_HALTING, MAX_VCPUS, PROBE_REG_DIRTY_MIB,
-    PROBE_REG_DOORBELL, PROBE_REG_ID, PROBE_REG_TSC_KHZ, PROBE_REG_VCPUS, RECORD_BYTES,
-    RECORD_MAGIC, RECORD_WORDS, REC_ADJUST_WRITES, REC_CMD, REC_CROSS_VCPU, REC_CROSS_VCPU_WORST,
-    REC_DIRTY_PASSES, REC_FLAGS, REC_KVMCLOCK_MISMATCH, REC_KVMCLOCK_MISMATCH_WORST_NS,
-    REC_LAST_KVMCLOCK_NS, REC_LAST_TSC, REC_LAST_TSC_ADJUST, REC_MAGIC, REC_MAX_JUMP_NS,
-    REC_SAMPLES, REC_SEQ, REC_SIM_SKEW, REC_TSC_BACKWARDS, REC_TSC_BACKWARDS_WORST, REC_TSC_BIAS,
-    REC_TSC_KHZ, REC_VCPU,
+    PROBE_REG_DOORBELL, PROBE_REG_ID, PROBE_REG_IDLE_US, PROBE_REG_TSC_KHZ, PROBE_REG_VCPUS,
+    RECORD_BYTES, RECORD_MAGIC, RECORD_WORDS, REC_ADJUST_WRITES, REC_CMD, REC_CROSS_VCPU,
+    REC_CROSS_VCPU_WORST, REC_DIRTY_PASSES, REC_FLAGS, REC_KVMCLOCK_MISMATCH,
+    REC_KVMCLOCK_MISMATCH_WORST_NS, REC_LAST_KVMCLOCK_NS, REC_LAST_TSC, REC_LAST_TSC_ADJUST,
+    REC_MAGIC, REC_MAX_JUMP_NS, REC_SAMPLES, REC_SEQ, REC_SIM_SKEW, REC_TSC_BACKWARDS,
+    REC_TSC_BACKWARDS_WORST, REC_TSC_BIAS, REC_TSC_KHZ, REC_VCPU,
 };
 pub use guest::{PROBE_BASE, PROBE_MAGIC, PROBE_PORT_COUNT};
 use serde::{Deserialize, Serialize};
@@ -210,6 +211,10 @@ pub struct ProbeState {
     pub dirty_mib: u32,
     /// Guest TSC kHz offered in the register.
     pub tsc_khz: u32,
+    /// Idle mode offered in the register: µs halted between samples (0 = busy loop). Absent
+    /// from states saved before idle mode existed (then 0).
+    #[serde(default)]
+    pub idle_us: u32,
     /// Latest record per vCPU.
     pub records: Vec<VcpuReport>,
     /// Commands not yet delivered, per vCPU, oldest first.
@@ -246,6 +251,7 @@ impl TimeProbe {
                 vcpus,
                 dirty_mib,
                 tsc_khz,
+                idle_us: 0,
                 records: (0..vcpus)
                     .map(|vcpu| VcpuReport {
                         vcpu,
@@ -285,6 +291,7 @@ impl TimeProbe {
             PROBE_REG_DIRTY_MIB => st.dirty_mib,
             PROBE_REG_TSC_KHZ => st.tsc_khz,
             PROBE_REG_DOORBELL => 0,
+            PROBE_REG_IDLE_US => st.idle_us,
             _ => u32::MAX,
         };
         let bytes = value.to_le_bytes();
@@ -428,6 +435,19 @@ impl TimeProbe {
         self.lock().stop = true;
     }
 
+    /// Idle mode: from now on the guest halts `us` microseconds between samples on every vCPU
+    /// (0: busy sampling loop, the default). The guest reads the register at boot and at each
+    /// report, so a change reaches a running guest within `guest::REPORT_INTERVAL_US` of its
+    /// time (plus one idle period); it clamps values above `guest::IDLE_MAX_US`.
+    pub fn set_idle_us(&self, us: u32) {
+        self.lock().idle_us = us;
+    }
+
+    /// The idle mode offered to the guest ([`Self::set_idle_us`]).
+    pub fn idle_us(&self) -> u32 {
+        self.lock().idle_us
+    }
+
     /// The complete state, for a snapshot.
     pub fn state(&self) -> ProbeState {
         self.lock().clone()
@@ -513,6 +533,13 @@ mod tests {
         assert_eq!(read32(&p, PROBE_REG_VCPUS), 3);
         assert_eq!(read32(&p, PROBE_REG_DIRTY_MIB), 16);
         assert_eq!(read32(&p, PROBE_REG_TSC_KHZ), 2_445_404);
+        assert_eq!(read32(&p, PROBE_REG_IDLE_US), 0, "busy loop by default");
+        p.set_idle_us(1000);
+        assert_eq!(read32(&p, PROBE_REG_IDLE_US), 1000);
+        assert_eq!(p.idle_us(), 1000);
+        // The guest cannot change it.
+        assert!(p.pio_write(PROBE_BASE + PROBE_REG_IDLE_US, &7u32.to_le_bytes(), &mem()));
+        assert_eq!(read32(&p, PROBE_REG_IDLE_US), 1000);
         // A one-byte read of the ID's second byte.
         let mut b = [0u8; 1];
         assert!(p.pio_read(PROBE_BASE + 1, &mut b));
@@ -642,12 +669,19 @@ mod tests {
         put(&m, 0x1000, &record(0, 10));
         ring(&p, &m, 0x1000);
         p.request_tsc_adjust(1, 77).expect("vCPU 1");
+        p.set_idle_us(250);
         let st = p.state();
         let json = serde_json::to_string(&st).expect("serialize");
         let back: ProbeState = serde_json::from_str(&json).expect("deserialize");
         let q = TimeProbe::restore(back).expect("restore");
         assert_eq!(q.report(), p.report());
         assert_eq!(read32(&q, PROBE_REG_DIRTY_MIB), 4);
+        assert_eq!(read32(&q, PROBE_REG_IDLE_US), 250, "idle mode survived");
+        // A state saved before idle mode existed has no idle_us: busy loop.
+        let mut old: serde_json::Value = serde_json::from_str(&json).expect("json");
+        old.as_object_mut().expect("object").remove("idle_us");
+        let old: ProbeState = serde_json::from_value(old).expect("old state");
+        assert_eq!(old.idle_us, 0);
         put(&m, 0x2000, &record(1, 1));
         ring(&q, &m, 0x2000);
         assert_eq!(

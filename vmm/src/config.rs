@@ -78,6 +78,9 @@ pub struct VmConfig {
     pub clock_policy: ClockPolicy,
     /// MiB of RAM the test guest dirties in a loop.
     pub dirty_mib: u32,
+    /// Test guest idle mode: µs each vCPU halts between samples (0: busy sampling loop).
+    #[serde(default)]
+    pub guest_idle_us: u32,
 }
 
 impl Default for VmConfig {
@@ -94,6 +97,7 @@ impl Default for VmConfig {
             serial: SerialOutput::Tty,
             clock_policy: ClockPolicy::Wallclock,
             dirty_mib: 0,
+            guest_idle_us: 0,
         }
     }
 }

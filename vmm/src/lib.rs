@@ -10,19 +10,24 @@
 pub mod api;
 pub mod config;
 pub mod signal;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use hypervisor::Hypervisor;
 use log::info;
 
-use crate::api::{ApiError, ApiHandler, ApiRequest, ApiResponse, VmmPingResponse};
+use crate::api::{
+    ApiError, ApiHandler, ApiRequest, ApiResponse, MemoryRestoreMode, RestoreConfig,
+    VmmPingResponse,
+};
 use crate::config::{policy_from_api, VmConfig};
+use crate::snapshot::{LoadOptions, MemoryMode, Snapshot};
 use crate::vcpu::VmEvent;
-use crate::vm::{RunState, Vm, VmError};
+use crate::vm::{RestoreOptions, RunState, Vm, VmError};
 
 /// What ends the VMM process (sent to the main thread).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +56,54 @@ fn chain(status: u16, context: &str, e: &VmError) -> ApiError {
     ApiError::from_error(status, context, e)
 }
 
+/// The HTTP status of a failed snapshot or restore: 4xx when the request or the snapshot is at
+/// fault (VM not paused, bad or mismatched snapshot, a snapshot this host cannot run), 5xx
+/// when the host failed.
+pub fn snapshot_error_status(e: &VmError) -> u16 {
+    use hypervisor::HypervisorError as H;
+    match e {
+        VmError::InvalidState(_) => 409,
+        VmError::Snapshot(s) if s.is_bad_input() => 400,
+        VmError::Config(_) => 400,
+        VmError::Hypervisor {
+            source:
+                H::Tsc(_)
+                | H::TscState(_)
+                | H::VcpuState(_)
+                | H::TscFrequencyRefused { .. }
+                | H::Unsupported(_)
+                | H::InvalidArgument(_),
+            ..
+        } => 400,
+        _ => 500,
+    }
+}
+
+/// The memory backing a restore asks for: Cloud Hypervisor's `Copy` copies (the snapshot may
+/// be deleted afterwards); `OnDemand` (pages brought in as the guest touches them) and the
+/// Hourglass extension `MapPrivate` map `memory.bin` copy-on-write.
+pub fn memory_mode_from_api(m: MemoryRestoreMode) -> MemoryMode {
+    match m {
+        MemoryRestoreMode::Copy => MemoryMode::Copy,
+        MemoryRestoreMode::OnDemand | MemoryRestoreMode::MapPrivate => MemoryMode::MapPrivate,
+    }
+}
+
+fn forward_vm_events(events: Sender<VmmEvent>) -> Result<Sender<VmEvent>, VmError> {
+    let (vm_tx, vm_rx) = std::sync::mpsc::channel::<VmEvent>();
+    std::thread::Builder::new()
+        .name("vm-events".into())
+        .spawn(move || {
+            while let Ok(ev) = vm_rx.recv() {
+                if events.send(VmmEvent::Vm(ev)).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(VmError::Thread)?;
+    Ok(vm_tx)
+}
+
 impl Vmm {
     /// Boot a VM with `config` on `hv`. VM events (guest shutdown, vCPU failure) are forwarded
     /// to `events` as [`VmmEvent::Vm`].
@@ -59,19 +112,47 @@ impl Vmm {
         config: VmConfig,
         events: Sender<VmmEvent>,
     ) -> Result<Self, VmError> {
-        let (vm_tx, vm_rx) = std::sync::mpsc::channel::<VmEvent>();
-        let fwd = events.clone();
-        std::thread::Builder::new()
-            .name("vm-events".into())
-            .spawn(move || {
-                while let Ok(ev) = vm_rx.recv() {
-                    if fwd.send(VmmEvent::Vm(ev)).is_err() {
-                        break;
-                    }
-                }
-            })
-            .map_err(VmError::Thread)?;
+        let vm_tx = forward_vm_events(events.clone())?;
         let vm = Vm::boot(hv, config, vm_tx)?;
+        Ok(Self {
+            vm: Mutex::new(vm),
+            events: Mutex::new(events),
+        })
+    }
+
+    /// Restore a VM from the snapshot `cfg.source_url` names (`hourglass --restore` and
+    /// `vm.restore`). The VM comes up paused unless `cfg.resume`; then guest time is thawed
+    /// under `cfg.clock_policy` (default: the snapshot configuration's policy). `serial`
+    /// replaces the snapshot configuration's serial output. On any error nothing is left
+    /// running and the snapshot is unchanged.
+    pub fn restore(
+        hv: Arc<dyn Hypervisor>,
+        cfg: &RestoreConfig,
+        serial: Option<devices::SerialOutput>,
+        events: Sender<VmmEvent>,
+    ) -> Result<Self, VmError> {
+        let dir = cfg.source_dir();
+        let snap = Snapshot::read(&dir)?;
+        let opts = RestoreOptions {
+            memory: LoadOptions {
+                mode: memory_mode_from_api(cfg.memory_restore_mode),
+                verify: true,
+                prefault: cfg.prefault,
+            },
+            serial,
+            policy: cfg.clock_policy.map(policy_from_api),
+        };
+        let vm_tx = forward_vm_events(events.clone())?;
+        let mut vm = Vm::restore(hv, &snap, &opts, vm_tx)?;
+        if cfg.resume {
+            let policy = vm.default_resume_policy();
+            vm.resume(policy)?;
+        }
+        info!(
+            "restored from {} ({})",
+            dir.display(),
+            if cfg.resume { "running" } else { "paused" }
+        );
         Ok(Self {
             vm: Mutex::new(vm),
             events: Mutex::new(events),
@@ -139,7 +220,7 @@ impl ApiHandler for Vmm {
                 let policy = cfg
                     .clock_policy
                     .map(policy_from_api)
-                    .unwrap_or(vm.config().clock_policy);
+                    .unwrap_or(vm.default_resume_policy());
                 vm.resume(policy)
                     .map(|_| ApiResponse::Empty)
                     .map_err(|e| chain(500, "The VM could not be resumed", &e))
@@ -153,8 +234,134 @@ impl ApiHandler for Vmm {
                 vm.shutdown();
                 Ok(ApiResponse::Empty)
             }
+            ApiRequest::VmSnapshot(cfg) => {
+                let vm = self.vm();
+                let dest = cfg.destination_dir();
+                info!("API: vm.snapshot to {}", dest.display());
+                vm.snapshot(&dest).map(|_| ApiResponse::Empty).map_err(|e| {
+                    chain(
+                        snapshot_error_status(&e),
+                        "The VM could not be snapshotted",
+                        &e,
+                    )
+                })
+            }
+            // Cloud Hypervisor's documented code for "already created".
+            ApiRequest::VmRestore(_) => Err(ApiError::not_found("The VM could not be restored")
+                .caused_by(
+                    "this VMM already has a VM; restore into an hourglass started with only \
+                     --api-socket",
+                )),
             other => Err(ApiError::internal(format!(
                 "{} is not implemented by this Hourglass build",
+                other.endpoint()
+            ))),
+        }
+    }
+}
+
+/// What serves the API of an `hourglass` process: the [`Vmm`] once a VM is booted or restored,
+/// and before that (an `hourglass` started with only `--api-socket`) `vmm.ping`,
+/// `vmm.shutdown` and `vm.restore`.
+pub struct Service {
+    hv: Arc<dyn Hypervisor>,
+    events: Mutex<Sender<VmmEvent>>,
+    vmm: OnceLock<Arc<Vmm>>,
+    /// Serialises restores (one VM per process).
+    creating: Mutex<()>,
+    /// Serial output for a VM restored through the API (None: the snapshot's).
+    serial: Option<devices::SerialOutput>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("has_vm", &self.vmm.get().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service {
+    /// A service with no VM yet. VM events go to `events`; a VM restored through the API writes
+    /// its serial output to `serial` when given.
+    pub fn new(
+        hv: Arc<dyn Hypervisor>,
+        events: Sender<VmmEvent>,
+        serial: Option<devices::SerialOutput>,
+    ) -> Self {
+        Self {
+            hv,
+            events: Mutex::new(events),
+            vmm: OnceLock::new(),
+            creating: Mutex::new(()),
+            serial,
+        }
+    }
+
+    /// Install the VMM (after a boot or a command-line restore).
+    pub fn set(&self, vmm: Arc<Vmm>) {
+        let _ = self.vmm.set(vmm);
+    }
+
+    /// Create the VM with `f` and install it, holding off `vm.restore` meanwhile (one VM per
+    /// process). When a VM already exists, `f` is not called and that VM is returned.
+    pub fn create<E>(&self, f: impl FnOnce() -> Result<Vmm, E>) -> Result<Arc<Vmm>, E> {
+        let _one = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = self.vmm.get() {
+            return Ok(v.clone());
+        }
+        let v = Arc::new(f()?);
+        self.set(v.clone());
+        Ok(v)
+    }
+
+    /// The VMM, once there is a VM.
+    pub fn vmm(&self) -> Option<Arc<Vmm>> {
+        self.vmm.get().cloned()
+    }
+
+    fn events(&self) -> Sender<VmmEvent> {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl ApiHandler for Service {
+    fn handle(&self, req: ApiRequest) -> Result<ApiResponse, ApiError> {
+        if let Some(v) = self.vmm.get() {
+            return v.handle(req);
+        }
+        match req {
+            ApiRequest::VmmPing => {
+                Ok(VmmPingResponse::current(&["kvm", "clock_policy", "time_probe"]).to_response())
+            }
+            ApiRequest::VmmShutdown => {
+                info!("API: vmm.shutdown");
+                let _ = self.events().send(VmmEvent::ApiShutdown);
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::VmRestore(cfg) => {
+                let _one = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(v) = self.vmm.get() {
+                    return v.handle(ApiRequest::VmRestore(cfg));
+                }
+                info!("API: vm.restore from {}", cfg.source_url);
+                let vmm = Vmm::restore(self.hv.clone(), &cfg, self.serial.clone(), self.events())
+                    .map_err(|e| {
+                    chain(
+                        snapshot_error_status(&e),
+                        "The VM could not be restored",
+                        &e,
+                    )
+                })?;
+                self.set(Arc::new(vmm));
+                Ok(ApiResponse::Empty)
+            }
+            other => Err(ApiError::internal(format!(
+                "{}: there is no VM (this hourglass was started without one; restore one with \
+                 vm.restore)",
                 other.endpoint()
             ))),
         }

@@ -1,7 +1,7 @@
 //! One VM: guest memory, the loaded image, devices, vCPU threads, and pause/resume with guest time
 //! frozen and thawed through the hypervisor crate's `TscState`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,7 +10,7 @@ use devices::probe::{ProbeReport, TimeProbe, PROBE_BASE, PROBE_PORT_COUNT};
 use devices::serial::{COM1_PORT, SERIAL_PORT_LEN};
 use devices::{PioBus, Serial, I8042};
 use hypervisor::tsc::{Capture, ClockPolicy, ClockReport};
-use hypervisor::{Hypervisor, TscCapabilities, Vcpu};
+use hypervisor::{Hypervisor, TscCapabilities, Vcpu, VcpuState};
 use log::{info, warn};
 use serde::Serialize;
 use vm_memory::{
@@ -18,6 +18,7 @@ use vm_memory::{
 };
 
 use crate::config::VmConfig;
+use crate::snapshot::{DeviceStates, LoadOptions, Snapshot, VmState, WriteOptions, WriteReport};
 use crate::vcpu::{PauseError, Shared, VcpuSet, VmEvent};
 
 /// Errors building or driving a VM.
@@ -67,6 +68,20 @@ pub enum VmError {
     /// Parking or releasing the vCPUs failed.
     #[error("vCPU threads")]
     Pause(#[from] PauseError),
+    /// Writing or reading a snapshot failed (the error names the file and field).
+    #[error("snapshot")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+}
+
+/// How [`Vm::restore`] brings a snapshot back.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    /// How guest memory is backed and checked.
+    pub memory: LoadOptions,
+    /// Serial output instead of the snapshot configuration's.
+    pub serial: Option<devices::SerialOutput>,
+    /// Clock policy of the first resume when that names none.
+    pub policy: Option<ClockPolicy>,
 }
 
 fn hv_err(what: impl Into<String>) -> impl FnOnce(hypervisor::HypervisorError) -> VmError {
@@ -130,6 +145,94 @@ pub struct Vm {
     last_policy: ClockPolicy,
     stats: PauseStats,
     warnings: Vec<String>,
+    serial: Arc<Mutex<Serial>>,
+    /// The policy a resume without one uses, when a restore asked for one.
+    resume_policy: Option<ClockPolicy>,
+    /// What this VM was restored from (shown in `vm.info`).
+    restored_from: Option<serde_json::Value>,
+    /// The restored vCPU states until the first resume: snapshotting a restored VM that never
+    /// ran saves them as they were (the backend holds TSC_DEADLINE back until the thaw, so
+    /// reading the vCPUs back before it would lose it).
+    restored_vcpus: Option<Vec<VcpuState>>,
+}
+
+/// The pieces [`Vm::assemble`] puts together.
+struct Parts {
+    hv_name: &'static str,
+    vm: Arc<dyn hypervisor::Vm>,
+    config: VmConfig,
+    memory: GuestMemoryMmap,
+    vcpus: Vec<Box<dyn Vcpu>>,
+    serial: Serial,
+    probe: TimeProbe,
+    tsc_khz: u32,
+    events: Sender<VmEvent>,
+    paused: Option<Capture>,
+}
+
+/// Map every region of `memory` into the VM, one slot per region.
+fn map_guest_memory(
+    vm: &dyn hypervisor::Vm,
+    memory: &GuestMemoryMmap,
+    size: u64,
+) -> Result<(), VmError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| VmError::Memory {
+                size,
+                reason: e.to_string(),
+            })?;
+        // SAFETY: the region belongs to `memory`, which the VM's vCPU threads keep alive (an
+        // `Arc` in `Shared`) for as long as the VM can run.
+        unsafe {
+            vm.set_user_memory_region(
+                slot as u32,
+                region.start_addr().raw_value(),
+                region.len(),
+                host as u64,
+                false,
+            )
+        }
+        .map_err(hv_err(format!("map guest memory slot {slot}")))?;
+    }
+    Ok(())
+}
+
+/// Create vCPUs `0..n`.
+fn create_vcpus(vm: &dyn hypervisor::Vm, n: u32) -> Result<Vec<Box<dyn Vcpu>>, VmError> {
+    (0..n)
+        .map(|id| {
+            vm.create_vcpu(id)
+                .map_err(hv_err(format!("create vCPU {id}")))
+        })
+        .collect()
+}
+
+/// Give every vCPU the guest CPUID (TSC leaves at `tsc_khz`).
+fn set_cpuids(
+    hv: &dyn Hypervisor,
+    vcpus: &[Box<dyn Vcpu>],
+    n: u32,
+    tsc_khz: u32,
+) -> Result<(), VmError> {
+    let host_cpuid = hv
+        .supported_cpuid()
+        .map_err(hv_err("read the host CPUID"))?;
+    for v in vcpus {
+        let id = v.id();
+        let cpuid = arch::build_cpuid(
+            &host_cpuid,
+            &arch::CpuidConfig {
+                vcpu_id: id,
+                vcpu_count: n,
+                tsc_khz,
+            },
+        )?;
+        v.set_cpuid(&cpuid)
+            .map_err(hv_err(format!("set vCPU {id}'s CPUID")))?;
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for Vm {
@@ -174,27 +277,7 @@ impl Vm {
             size,
             reason: e.to_string(),
         })?;
-        for (slot, region) in memory.iter().enumerate() {
-            let host = region
-                .get_host_address(MemoryRegionAddress(0))
-                .map_err(|e| VmError::Memory {
-                    size,
-                    reason: e.to_string(),
-                })?;
-            // SAFETY: the region belongs to `memory`, which the VM's vCPU threads keep alive (an
-            // `Arc` in `Shared`) for as long as the VM can run.
-            unsafe {
-                vm.set_user_memory_region(
-                    slot as u32,
-                    region.start_addr().raw_value(),
-                    region.len(),
-                    host as u64,
-                    false,
-                )
-            }
-            .map_err(hv_err(format!("map guest memory slot {slot}")))?;
-        }
-        let memory = Arc::new(memory);
+        map_guest_memory(vm.as_ref(), &memory, size)?;
 
         let image: std::borrow::Cow<'static, [u8]> = match &config.kernel {
             Some(p) => std::fs::read(p)
@@ -220,29 +303,11 @@ impl Vm {
             boot.entry.raw_value()
         );
 
-        let host_cpuid = hv
-            .supported_cpuid()
-            .map_err(hv_err("read the host CPUID"))?;
-        let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::with_capacity(n as usize);
-        for id in 0..n {
-            vcpus.push(
-                vm.create_vcpu(id)
-                    .map_err(hv_err(format!("create vCPU {id}")))?,
-            );
-        }
+        let vcpus = create_vcpus(vm.as_ref(), n)?;
         let tsc_khz = vm.guest_tsc_khz();
+        set_cpuids(hv.as_ref(), &vcpus, n, tsc_khz)?;
         for v in &vcpus {
             let id = v.id();
-            let cpuid = arch::build_cpuid(
-                &host_cpuid,
-                &arch::CpuidConfig {
-                    vcpu_id: id,
-                    vcpu_count: n,
-                    tsc_khz,
-                },
-            )?;
-            v.set_cpuid(&cpuid)
-                .map_err(hv_err(format!("set vCPU {id}'s CPUID")))?;
             // With an in-kernel irqchip KVM creates application processors waiting for
             // INIT/SIPI; the PVH contract starts every vCPU at the entry, so make them runnable.
             let mut st = v
@@ -266,8 +331,42 @@ impl Vm {
         }
 
         let serial = Serial::new(&config.serial).map_err(|e| VmError::Device(e.to_string()))?;
+        let probe = TimeProbe::new(n, config.dirty_mib, tsc_khz);
+        probe.set_idle_us(config.guest_idle_us);
+        Self::assemble(Parts {
+            hv_name: hv.name(),
+            vm,
+            config,
+            memory,
+            vcpus,
+            serial,
+            probe,
+            tsc_khz,
+            events,
+            paused: None,
+        })
+    }
+
+    /// Put a built VM together: devices on the bus, the capability report, the vCPU threads
+    /// (running, or parked with `paused` as the capture to thaw on resume).
+    fn assemble(p: Parts) -> Result<Self, VmError> {
+        let Parts {
+            hv_name,
+            vm,
+            config,
+            memory,
+            vcpus,
+            serial,
+            probe,
+            tsc_khz,
+            events,
+            paused,
+        } = p;
+        let n = config.cpus.boot_vcpus;
+        let size = config.memory.size;
+        let serial = Arc::new(Mutex::new(serial));
         let mut bus = PioBus::new();
-        bus.insert(COM1_PORT, SERIAL_PORT_LEN, Arc::new(Mutex::new(serial)))
+        bus.insert(COM1_PORT, SERIAL_PORT_LEN, serial.clone())
             .map_err(|e| VmError::Device(e.to_string()))?;
         bus.insert(
             devices::i8042::I8042_DATA_PORT,
@@ -275,7 +374,7 @@ impl Vm {
             Arc::new(Mutex::new(I8042::new())),
         )
         .map_err(|e| VmError::Device(e.to_string()))?;
-        let probe = Arc::new(TimeProbe::new(n, config.dirty_mib, tsc_khz));
+        let probe = Arc::new(probe);
         debug_assert!(PROBE_BASE.checked_add(PROBE_PORT_COUNT).is_some());
 
         let caps = vm.tsc_capabilities();
@@ -293,23 +392,45 @@ impl Vm {
             caps.vendor, caps.host_tsc_khz, caps.offsets_honoured, caps.tsc_scaling
         );
 
-        let shared = Arc::new(Shared::new(memory, bus, probe.clone(), events));
-        let vcpus = VcpuSet::start(shared, vcpus).map_err(VmError::Thread)?;
-        info!("VM running with {n} vCPU(s), {} MiB", size >> 20);
+        let shared = Arc::new(Shared::new(Arc::new(memory), bus, probe.clone(), events));
+        let state = if paused.is_some() {
+            RunState::Paused
+        } else {
+            RunState::Running
+        };
+        let vcpus = if paused.is_some() {
+            VcpuSet::start_paused(shared, vcpus)
+        } else {
+            VcpuSet::start(shared, vcpus)
+        }
+        .map_err(VmError::Thread)?;
+        info!(
+            "VM {} with {n} vCPU(s), {} MiB",
+            if paused.is_some() {
+                "paused"
+            } else {
+                "running"
+            },
+            size >> 20
+        );
         Ok(Self {
             last_policy: config.clock_policy,
             config,
-            hv_name: hv.name(),
+            hv_name,
             vm,
             vcpus,
             probe,
-            state: RunState::Running,
-            capture: None,
+            serial,
+            state,
+            capture: paused,
             caps,
             tsc_khz,
             last_report: None,
             stats: PauseStats::default(),
             warnings,
+            resume_policy: None,
+            restored_from: None,
+            restored_vcpus: None,
         })
     }
 
@@ -339,6 +460,149 @@ impl Vm {
     /// The report of the latest thaw.
     pub fn last_clock_report(&self) -> Option<&ClockReport> {
         self.last_report.as_ref()
+    }
+
+    /// The clock policy of a resume that names none: the one a restore asked for (until that
+    /// VM's first resume), else the configuration's.
+    pub fn default_resume_policy(&self) -> ClockPolicy {
+        self.resume_policy.unwrap_or(self.config.clock_policy)
+    }
+
+    /// Write a snapshot of the paused VM into the directory `dest`, atomically: the time
+    /// capture of the pause, every vCPU's state, the devices' states and guest RAM (see
+    /// [`crate::snapshot`]). A running VM is refused ([`VmError::InvalidState`]).
+    pub fn snapshot(&self, dest: &Path) -> Result<WriteReport, VmError> {
+        match self.state {
+            RunState::Paused => {}
+            RunState::Running => {
+                return Err(VmError::InvalidState(
+                    "the VM must be paused to be snapshotted (vm.pause first)".into(),
+                ))
+            }
+            RunState::Shutdown => return Err(VmError::InvalidState("the VM is shut down".into())),
+        }
+        let capture = self
+            .capture
+            .as_ref()
+            .ok_or_else(|| VmError::InvalidState("paused without a time capture".into()))?;
+        let vcpus = if let Some(v) = &self.restored_vcpus {
+            v.clone()
+        } else {
+            let guards = self.vcpus.lock_all();
+            guards
+                .iter()
+                .map(|g| {
+                    g.state()
+                        .map_err(hv_err(format!("read vCPU {}'s state", g.id())))
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state();
+        let state = VmState {
+            tsc: capture.snapshot.clone(),
+            vcpus,
+            devices: DeviceStates {
+                serial,
+                probe: self.probe.state(),
+            },
+        };
+        let memory = self.vcpus.shared().memory.clone();
+        let report = crate::snapshot::write(
+            dest,
+            &self.config,
+            &state,
+            &memory,
+            &WriteOptions::default(),
+        )?;
+        info!(
+            "snapshot written to {}: {} MiB of RAM, {} MiB of data, in {:?}",
+            dest.display(),
+            report.memory_bytes >> 20,
+            report.data_bytes >> 20,
+            report.total_time
+        );
+        Ok(report)
+    }
+
+    /// Recreate a VM from a snapshot that [`Snapshot::read`] checked, parked: its guest time
+    /// is thawed by the first [`Vm::resume`] (with `opts.policy` when that names none). Refused
+    /// before any vCPU exists when the host cannot run the guest TSC at the snapshot's
+    /// frequency. Nothing is changed in the snapshot.
+    pub fn restore(
+        hv: Arc<dyn Hypervisor>,
+        snap: &Snapshot,
+        opts: &RestoreOptions,
+        events: Sender<VmEvent>,
+    ) -> Result<Self, VmError> {
+        let mut config = snap.config.clone();
+        if let Some(s) = &opts.serial {
+            config.serial = s.clone();
+        }
+        let n = config.cpus.boot_vcpus;
+        let size = config.memory.size;
+        let tsc = &snap.state.tsc;
+        let khz = tsc.tsc_khz();
+
+        let t0 = Instant::now();
+        let memory = snap.load_memory(&opts.memory)?;
+        let memory_time = t0.elapsed();
+        let vm = hv.create_vm().map_err(hv_err("create the VM"))?;
+        map_guest_memory(vm.as_ref(), &memory, size)?;
+        let vcpus = create_vcpus(vm.as_ref(), n)?;
+        if vm.guest_tsc_khz() != khz {
+            let refs: Vec<&dyn Vcpu> = vcpus.iter().map(|v| v.as_ref()).collect();
+            vm.set_guest_tsc_khz(&refs, khz).map_err(hv_err(format!(
+                "the snapshot's guest TSC runs at {khz} kHz, which this host cannot provide"
+            )))?;
+        }
+        set_cpuids(hv.as_ref(), &vcpus, n, khz)?;
+        // Registers, special registers, XSAVE, XCRs, LAPIC, then MSRs (TSC_DEADLINE is held
+        // back by the backend until the thaw has put the TSC in place), events, MP state.
+        for (v, st) in vcpus.iter().zip(&snap.state.vcpus) {
+            v.set_state(st)
+                .map_err(hv_err(format!("restore vCPU {}'s state", st.id)))?;
+        }
+        let serial = Serial::from_state(&snap.state.devices.serial, &config.serial)
+            .map_err(|e| VmError::Device(format!("serial: {e}")))?;
+        let probe = TimeProbe::restore(snap.state.devices.probe.clone())
+            .map_err(|e| VmError::Device(format!("time probe: {e}")))?;
+        let capture = Capture {
+            snapshot: tsc.clone(),
+            skew_cycles: 0,
+        };
+        let mut vm = Self::assemble(Parts {
+            hv_name: hv.name(),
+            vm,
+            config,
+            memory,
+            vcpus,
+            serial,
+            probe,
+            tsc_khz: khz,
+            events,
+            paused: Some(capture),
+        })?;
+        vm.resume_policy = opts.policy;
+        vm.restored_vcpus = Some(snap.state.vcpus.clone());
+        vm.restored_from = Some(serde_json::json!({
+            "source": snap.dir(),
+            "memory_mode": opts.memory.mode,
+            "memory_verified": opts.memory.verify,
+            "memory_load_ns": ns(memory_time),
+            "snapshot_realtime_ns": tsc.realtime_ns(),
+            "snapshot_vm_tsc": tsc.vm_tsc(),
+            "snapshot_kvmclock_ns": tsc.kvmclock_ns(),
+        }));
+        info!(
+            "restored from {} ({:?} memory in {memory_time:?}); paused until resumed",
+            snap.dir().display(),
+            opts.memory.mode
+        );
+        Ok(vm)
     }
 
     /// Park every vCPU, then freeze guest time from one host sample and tell each vCPU's guest
@@ -428,6 +692,8 @@ impl Vm {
             );
         }
         self.last_policy = policy;
+        self.resume_policy = None;
+        self.restored_vcpus = None;
         self.last_report = Some(report);
         self.capture = None;
         // The vCPUs are released whatever happens next; a thread slow to be scheduled again is
@@ -477,6 +743,7 @@ impl Vm {
             "last_elapsed_ns": r.map(|r| r.elapsed_ns),
             "last_report": r,
             "warnings": warnings,
+            "restored_from": self.restored_from,
         })
     }
 }

@@ -49,6 +49,15 @@
 //! heartbeat about once a second of kvmclock time on COM1, and when the probe
 //! asks for it, dirties one byte per 4 KiB page of `dirty_mib` MiB from
 //! [`DIRTY_BASE`], 64 pages between samples.
+//!
+//! # Idle mode
+//!
+//! When the probe's [`PROBE_REG_IDLE_US`] register is non-zero (read at boot and at every
+//! report), each vCPU, after every sample, arms its local APIC timer (TSC-deadline mode where
+//! CPUID offers it, else one-shot) that many microseconds ahead and halts with interrupts
+//! enabled only for the `sti; hlt` window, like an idle OS on its tick. The checks are the
+//! same; only the sampling rate drops. This is the "idle small guest" the pause/resume
+//! benchmark compares with other VMMs.
 
 #![deny(missing_docs)]
 
@@ -63,7 +72,7 @@ pub const PROTOCOL_H: &str = include_str!("c/protocol.h");
 /// First port of the time-probe device.
 pub const PROBE_BASE: u16 = 0x5a0;
 /// Number of ports the probe decodes, from [`PROBE_BASE`].
-pub const PROBE_PORT_COUNT: u16 = 0x14;
+pub const PROBE_PORT_COUNT: u16 = 0x18;
 /// Register offset (read, 32 bit): [`PROBE_MAGIC`].
 pub const PROBE_REG_ID: u16 = 0x0;
 /// Register offset (read, 32 bit): number of vCPUs.
@@ -74,6 +83,9 @@ pub const PROBE_REG_DIRTY_MIB: u16 = 0x8;
 pub const PROBE_REG_TSC_KHZ: u16 = 0xc;
 /// Register offset (write, 32 bit): guest-physical address of a record.
 pub const PROBE_REG_DOORBELL: u16 = 0x10;
+/// Register offset (read, 32 bit): idle mode, microseconds each vCPU halts between samples
+/// (0 = busy loop; values above [`IDLE_MAX_US`] are clamped). Read at boot and at every report.
+pub const PROBE_REG_IDLE_US: u16 = 0x14;
 /// Value of the ID register ("HGP1" little endian).
 pub const PROBE_MAGIC: u32 = 0x3150_4748;
 
@@ -162,6 +174,8 @@ pub const MAX_VCPUS: u32 = 32;
 pub const DIRTY_BASE: u64 = 0x40_0000;
 /// Interval between two doorbells of one vCPU (µs).
 pub const REPORT_INTERVAL_US: u64 = 5000;
+/// Largest idle period the guest honours ([`PROBE_REG_IDLE_US`]), microseconds.
+pub const IDLE_MAX_US: u32 = 1_000_000;
 /// kvmclock/TSC disagreement bound (ns).
 pub const KVMCLOCK_BOUND_NS: u64 = 1000;
 /// Guest-physical load address of the image.
@@ -371,6 +385,7 @@ mod tests {
             ("PROBE_REG_DIRTY_MIB", PROBE_REG_DIRTY_MIB.into()),
             ("PROBE_REG_TSC_KHZ", PROBE_REG_TSC_KHZ.into()),
             ("PROBE_REG_DOORBELL", PROBE_REG_DOORBELL.into()),
+            ("PROBE_REG_IDLE_US", PROBE_REG_IDLE_US.into()),
             ("PROBE_MAGIC", PROBE_MAGIC.into()),
             ("RECORD_MAGIC", RECORD_MAGIC),
             ("RECORD_WORDS", RECORD_WORDS as u64),
@@ -414,6 +429,7 @@ mod tests {
             ("MAX_VCPUS", MAX_VCPUS.into()),
             ("DIRTY_BASE", DIRTY_BASE),
             ("REPORT_INTERVAL_US", REPORT_INTERVAL_US),
+            ("IDLE_MAX_US", IDLE_MAX_US.into()),
             ("KVMCLOCK_BOUND_NS", KVMCLOCK_BOUND_NS),
             ("GUEST_LOAD_ADDR", GUEST_LOAD_ADDR),
         ];

@@ -241,3 +241,80 @@ pub fn vcpu_samples(info: &Value) -> Vec<u64> {
         .map(|v| v["samples"].as_u64().unwrap_or(0))
         .collect()
 }
+
+/// Whether this test runs inside the nested kvm_amd host of `scripts/nested-kvm.sh`
+/// (`HOURGLASS_NESTED=1`), where there is no cargo and the binaries are already built.
+pub fn in_nested_host() -> bool {
+    std::env::var("HOURGLASS_NESTED").is_ok_and(|v| v == "1")
+}
+
+/// Path of a binary of the `vmm` package: inside the nested host the one `scripts/nested-kvm.sh`
+/// built and packed beside the test executable (there is no cargo there to build it); elsewhere
+/// [`binary`], which builds it if needed.
+pub fn prebuilt_or_built(name: &str) -> PathBuf {
+    if in_nested_host() {
+        let p = bin_dir().join(name);
+        assert!(
+            p.exists(),
+            "{} is missing from the nested host (scripts/nested-kvm.sh packs every `bins` binary)",
+            p.display()
+        );
+        p
+    } else {
+        binary(name)
+    }
+}
+
+impl Hourglass {
+    /// Like [`Hourglass::start`], but with the `hourglass` binary at `exe` and `boot_timeout` for
+    /// the API to answer vm.info (an emulated host boots more slowly).
+    pub fn start_exe(
+        exe: &Path,
+        tag: &str,
+        cpus: u32,
+        extra: &[&str],
+        boot_timeout: Duration,
+    ) -> Self {
+        let dir = temp_dir(tag);
+        let socket = dir.join("api.sock");
+        let serial = dir.join("serial.log");
+        let mut cmd = Command::new(exe);
+        cmd.arg("--cpus")
+            .arg(format!("boot={cpus}"))
+            .arg("--memory")
+            .arg("size=64M")
+            .arg("--api-socket")
+            .arg(format!("path={}", socket.display()))
+            .arg("--serial")
+            .arg(format!("file={}", serial.display()))
+            .args(extra)
+            .arg("-v")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("stderr.log")).expect("stderr log"),
+            ));
+        let child = cmd.spawn().expect("spawn hourglass");
+        let mut h = Hourglass {
+            child,
+            socket,
+            serial,
+            dir,
+        };
+        h.wait_until("the API answers vm.info", boot_timeout, |h| {
+            h.try_info().is_some()
+        });
+        h
+    }
+
+    /// [`Hourglass::start`] that also works inside the nested host (see [`prebuilt_or_built`]),
+    /// with timeouts stretched there by `slow`.
+    pub fn start_anywhere(tag: &str, cpus: u32, extra: &[&str], slow: u32) -> Self {
+        Self::start_exe(
+            &prebuilt_or_built("hourglass"),
+            tag,
+            cpus,
+            extra,
+            Duration::from_secs(20) * slow,
+        )
+    }
+}

@@ -111,12 +111,17 @@ impl fmt::Display for ClockPolicy {
 /// How guest memory is brought back on restore (Cloud Hypervisor's `MemoryRestoreMode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum MemoryRestoreMode {
-    /// Cloud Hypervisor copies memory eagerly. Hourglass maps the snapshot privately in both
-    /// modes; the VMM may prefault for `Copy`.
+    /// Guest memory is read from the snapshot into anonymous memory before the VM runs (as in
+    /// Cloud Hypervisor): the snapshot may be deleted once the restore returns.
     #[default]
     Copy,
-    /// Pages are brought in when the guest touches them.
+    /// Pages are brought in when the guest touches them (Cloud Hypervisor does it with
+    /// userfaultfd; Hourglass maps `memory.bin` copy-on-write, as for `MapPrivate`). The snapshot
+    /// must stay in place while the VM runs.
     OnDemand,
+    /// Hourglass extension: map `memory.bin` `MAP_PRIVATE` (copy-on-write): restore time does
+    /// not grow with RAM size and the guest's writes never reach the snapshot.
+    MapPrivate,
 }
 
 impl MemoryRestoreMode {
@@ -124,6 +129,7 @@ impl MemoryRestoreMode {
         match s.to_ascii_lowercase().as_str() {
             "copy" => Some(Self::Copy),
             "ondemand" | "on_demand" | "on-demand" => Some(Self::OnDemand),
+            "mapprivate" | "map_private" | "map-private" => Some(Self::MapPrivate),
             _ => None,
         }
     }
@@ -584,7 +590,7 @@ impl RestoreConfig {
             memory_restore_mode: f
                 .enumerated(
                     "memory_restore_mode",
-                    "Copy, OnDemand",
+                    "Copy, OnDemand, MapPrivate",
                     MemoryRestoreMode::parse,
                 )?
                 .unwrap_or_default(),
@@ -594,7 +600,7 @@ impl RestoreConfig {
     }
 
     /// Builds from Cloud Hypervisor's syntax:
-    /// `source_url=file:///dir[,prefault=on|off][,memory_restore_mode=copy|ondemand]`
+    /// `source_url=file:///dir[,prefault=on|off][,memory_restore_mode=copy|ondemand|map_private]`
     /// `[,resume=true|false][,clock_policy=wallclock|frozen]`.
     pub fn from_options(s: &str) -> Result<Self, ConfigError> {
         use options::Kind;

@@ -1,5 +1,11 @@
-//! The HTTP/1.1 server: a Unix socket, one accepting thread, one short-lived thread per
-//! connection (at most [`ServerLimits::max_connections`] at once), one request per connection.
+//! The HTTP/1.1 server: a Unix socket, one accepting thread, a pool of connection threads (at
+//! most [`ServerLimits::max_connections`] connections at once), one request per connection.
+//!
+//! The connection threads are kept: [`KEPT_WORKERS`] of them wait for the next connection for
+//! as long as the server runs, more are started only while that many are busy, and those exit
+//! after [`WORKER_IDLE`] without work. Starting a thread per request cost tens of microseconds
+//! and, on a host whose cores are busy (vCPU threads), a new thread also waits for the
+//! scheduler longer than a sleeping one that is woken.
 //!
 //! Requests are parsed with `httparse`; responses are written by hand because Cloud
 //! Hypervisor's client insists on a status line without a reason phrase (`HTTP/1.1 204 `) and
@@ -14,6 +20,7 @@
 //! would be too long for a socket address, or the file system cannot hard-link a socket, the
 //! socket is bound in place and chmod-ed at once.
 
+use std::collections::VecDeque;
 use std::fs;
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
@@ -101,18 +108,40 @@ impl Default for ServerLimits {
     }
 }
 
+/// Connection threads that wait for work for as long as the server runs.
+pub const KEPT_WORKERS: usize = 2;
+/// How long a connection thread beyond [`KEPT_WORKERS`] waits for work before it exits.
+pub const WORKER_IDLE: Duration = Duration::from_secs(10);
+
 struct Shared {
     handler: Arc<dyn ApiHandler>,
     limits: ServerLimits,
     stop: AtomicBool,
     active: Mutex<usize>,
     changed: Condvar,
+    /// Accepted connections waiting for a connection thread, and the threads' census.
+    queue: Mutex<WorkQueue>,
+    /// Signalled when a connection is queued, and at stop.
+    work: Condvar,
+}
+
+#[derive(Default)]
+struct WorkQueue {
+    streams: VecDeque<UnixStream>,
+    /// Connection threads alive.
+    workers: usize,
+    /// Connection threads waiting for work.
+    idle: usize,
 }
 
 impl Shared {
     fn active(&self) -> MutexGuard<'_, usize> {
         // A poisoned counter is still a counter.
         self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn queue(&self) -> MutexGuard<'_, WorkQueue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -151,7 +180,15 @@ pub fn start_api_server_with_limits(
         stop: AtomicBool::new(false),
         active: Mutex::new(0),
         changed: Condvar::new(),
+        queue: Mutex::new(WorkQueue::default()),
+        work: Condvar::new(),
     });
+    // The kept connection threads start now, not on the first request.
+    for _ in 0..KEPT_WORKERS {
+        if let Err(e) = start_worker(&shared) {
+            warn!("cannot start an API connection thread: {e}");
+        }
+    }
     let accept_shared = Arc::clone(&shared);
     let thread = thread::Builder::new()
         .name("hg-api".into())
@@ -186,6 +223,11 @@ impl ApiServer {
         };
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.changed.notify_all();
+        {
+            // Under the queue lock, so that no connection thread misses the wake-up.
+            let _q = self.shared.queue();
+            self.shared.work.notify_all();
+        }
         // Wake the accepting thread with a connection of our own.
         match UnixStream::connect(&self.path) {
             Ok(_) => {
@@ -321,7 +363,16 @@ fn bind_private(path: &Path) -> Result<UnixListener, ApiServerError> {
     }
 }
 
+/// The API threads carry pause and resume: ask for a short slice so that a request is not
+/// left waiting behind busy vCPU threads (see [`crate::vcpu::request_short_slice`]).
+fn short_slice() {
+    if let Err(e) = crate::vcpu::request_short_slice(crate::vcpu::CONTROL_SLICE) {
+        debug!("API thread keeps the default time slice: {e}");
+    }
+}
+
 fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
+    short_slice();
     for stream in listener.incoming() {
         if shared.stop.load(Ordering::SeqCst) {
             break;
@@ -348,19 +399,77 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
             }
             *active += 1;
         }
-        let conn_shared = Arc::clone(&shared);
-        let spawned = thread::Builder::new()
-            .name("hg-api-conn".into())
-            .spawn(move || {
-                serve_connection(stream, &conn_shared);
-                *conn_shared.active() -= 1;
-                conn_shared.changed.notify_all();
-            });
-        if let Err(e) = spawned {
-            warn!("cannot start an API connection thread: {e}");
-            *shared.active() -= 1;
-            shared.changed.notify_all();
+        let need_worker = {
+            let mut q = shared.queue();
+            q.streams.push_back(stream);
+            shared.work.notify_one();
+            q.idle < q.streams.len()
+        };
+        if need_worker {
+            if let Err(e) = start_worker(&shared) {
+                warn!("cannot start an API connection thread: {e}");
+                // Without a thread for it, answer nothing: drop the newest connection.
+                let mut q = shared.queue();
+                if q.workers == 0 && q.streams.pop_back().is_some() {
+                    drop(q);
+                    *shared.active() -= 1;
+                    shared.changed.notify_all();
+                }
+            }
         }
+    }
+    // Let the connection threads go.
+    let _q = shared.queue();
+    shared.work.notify_all();
+}
+
+/// Starts one connection thread (counted in the census before it runs).
+fn start_worker(shared: &Arc<Shared>) -> io::Result<()> {
+    shared.queue().workers += 1;
+    let worker_shared = Arc::clone(shared);
+    let spawned = thread::Builder::new()
+        .name("hg-api-conn".into())
+        .spawn(move || worker_loop(&worker_shared));
+    if spawned.is_err() {
+        shared.queue().workers -= 1;
+    }
+    spawned.map(|_| ())
+}
+
+/// A connection thread: serves queued connections one after the other until the server stops
+/// or, beyond the kept threads, it has been idle for [`WORKER_IDLE`].
+fn worker_loop(shared: &Shared) {
+    short_slice();
+    loop {
+        let stream = {
+            let mut q = shared.queue();
+            loop {
+                if let Some(s) = q.streams.pop_front() {
+                    break s;
+                }
+                if shared.stop.load(Ordering::SeqCst) {
+                    q.workers -= 1;
+                    return;
+                }
+                q.idle += 1;
+                let (guard, waited) = shared
+                    .work
+                    .wait_timeout(q, WORKER_IDLE)
+                    .unwrap_or_else(|p| p.into_inner());
+                q = guard;
+                q.idle -= 1;
+                if waited.timed_out() && q.streams.is_empty() && q.workers > KEPT_WORKERS {
+                    q.workers -= 1;
+                    return;
+                }
+            }
+        };
+        // The handler's own panics are caught inside; this guards the census against the rest.
+        if panic::catch_unwind(AssertUnwindSafe(|| serve_connection(stream, shared))).is_err() {
+            warn!("API connection thread: serving a connection panicked");
+        }
+        *shared.active() -= 1;
+        shared.changed.notify_all();
     }
 }
 

@@ -28,9 +28,19 @@ struct Cli {
     /// A PVH ELF image to boot instead of the built-in test guest
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
-    /// Serial output: tty, file=PATH or off
-    #[arg(long, value_name = "tty|file=PATH|off", default_value = "tty", value_parser = parse_serial)]
-    serial: devices::SerialOutput,
+    /// Serial output: tty (default), file=PATH or off. With --restore or vm.restore: replaces
+    /// the snapshot's serial output
+    #[arg(long, value_name = "tty|file=PATH|off", value_parser = parse_serial)]
+    serial: Option<devices::SerialOutput>,
+    /// Restore a VM from a snapshot instead of booting one (it comes up paused unless
+    /// resume=true; memory_restore_mode=copy|ondemand|map_private, clock_policy=wallclock|frozen)
+    #[arg(
+        long,
+        value_name = "source_url=file:///DIR[,resume=true][,clock_policy=wallclock|frozen]",
+        value_parser = parse_restore,
+        conflicts_with_all = ["cpus", "memory", "kernel", "dirty_mib"]
+    )]
+    restore: Option<vmm::api::RestoreConfig>,
     /// API socket: path=PATH (or a bare PATH)
     #[arg(long = "api-socket", value_name = "path=PATH", value_parser = parse_api_socket)]
     api_socket: Option<PathBuf>,
@@ -40,6 +50,9 @@ struct Cli {
     /// MiB of RAM the test guest dirties in a loop
     #[arg(long = "dirty-mib", value_name = "N", default_value_t = 0)]
     dirty_mib: u32,
+    /// Test guest idle mode: each vCPU halts N µs between samples (0: busy loop)
+    #[arg(long = "guest-idle-us", value_name = "N", default_value_t = 0)]
+    guest_idle_us: u32,
     /// Write the built-in test guest (a PVH ELF) to PATH and exit
     #[arg(long = "write-guest", value_name = "PATH")]
     write_guest: Option<PathBuf>,
@@ -63,6 +76,10 @@ fn main() {
     }
 }
 
+fn parse_restore(s: &str) -> std::result::Result<vmm::api::RestoreConfig, String> {
+    vmm::api::RestoreConfig::from_options(s).map_err(|e| e.to_string())
+}
+
 fn run(cli: Cli) -> Result<()> {
     if let Some(path) = &cli.write_guest {
         std::fs::write(path, guest::GUEST_ELF)
@@ -79,9 +96,10 @@ fn run(cli: Cli) -> Result<()> {
         cpus: cli.cpus.unwrap_or(defaults.cpus),
         memory: cli.memory.unwrap_or(defaults.memory),
         kernel: cli.kernel.clone(),
-        serial: cli.serial.clone(),
+        serial: cli.serial.clone().unwrap_or(defaults.serial.clone()),
         clock_policy: cli.clock_policy,
         dirty_mib: cli.dirty_mib,
+        guest_idle_us: cli.guest_idle_us,
     };
 
     vmm::signal::install_vcpu_kick_handler().context("cannot install the vCPU kick signal")?;
@@ -111,16 +129,32 @@ fn run(cli: Cli) -> Result<()> {
     let hv = hypervisor::new().context("cannot open the hypervisor (is /dev/kvm there?)")?;
     // Claim the API socket before booting, so that a second hourglass on the same path is
     // refused before it creates anything.
-    let vmm_slot: Arc<LateHandler> = Arc::new(LateHandler::default());
+    let service = Arc::new(vmm::Service::new(
+        hv.clone(),
+        tx.clone(),
+        cli.serial.clone(),
+    ));
     let server = match &cli.api_socket {
         Some(p) => Some(
-            start_api_server(p, vmm_slot.clone())
+            start_api_server(p, service.clone())
                 .with_context(|| format!("cannot serve the API on {}", p.display()))?,
         ),
         None => None,
     };
-    let vmm = Arc::new(Vmm::boot(hv, config, tx).context("cannot boot the VM")?);
-    vmm_slot.set(vmm.clone());
+    // Like Cloud Hypervisor: with only --api-socket (no VM options), wait for vm.restore.
+    let vm_options =
+        cli.cpus.is_some() || cli.memory.is_some() || cli.kernel.is_some() || cli.dirty_mib != 0;
+    if let Some(r) = &cli.restore {
+        service
+            .create(|| Vmm::restore(hv, r, cli.serial.clone(), tx))
+            .with_context(|| format!("cannot restore the VM from {}", r.source_url))?;
+    } else if vm_options || server.is_none() {
+        service
+            .create(|| Vmm::boot(hv, config, tx))
+            .context("cannot boot the VM")?;
+    } else {
+        info!("no VM: waiting for vm.restore on the API socket");
+    }
     if let Some(s) = &server {
         info!("API on {}", s.path().display());
     }
@@ -146,7 +180,9 @@ fn run(cli: Cli) -> Result<()> {
             1
         }
     };
-    vmm.shutdown_vm();
+    if let Some(vmm) = service.vmm() {
+        vmm.shutdown_vm();
+    }
     if let Some(s) = server {
         s.shutdown();
     }
@@ -154,28 +190,4 @@ fn run(cli: Cli) -> Result<()> {
         std::process::exit(code);
     }
     Ok(())
-}
-
-/// An API handler that answers "booting" until the VMM exists.
-#[derive(Default)]
-struct LateHandler {
-    vmm: std::sync::OnceLock<Arc<Vmm>>,
-}
-
-impl LateHandler {
-    fn set(&self, vmm: Arc<Vmm>) {
-        let _ = self.vmm.set(vmm);
-    }
-}
-
-impl vmm::api::ApiHandler for LateHandler {
-    fn handle(
-        &self,
-        req: vmm::api::ApiRequest,
-    ) -> Result<vmm::api::ApiResponse, vmm::api::ApiError> {
-        match self.vmm.get() {
-            Some(v) => v.handle(req),
-            None => Err(vmm::api::ApiError::internal("the VM is still booting")),
-        }
-    }
 }

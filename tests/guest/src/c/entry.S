@@ -118,6 +118,22 @@ long_entry:
 	hlt
 	jmp 3b
 
+	/* Idle mode (see main.c): every external interrupt vector points at guest_isr, which
+	 * only returns; the C code that halted sends the EOI. Interrupts are enabled only in
+	 * idle_halt's sti; hlt window (sti's shadow covers hlt, so a timer that already fired
+	 * wakes the hlt at once), and guest_isr's frame lands below idle_halt's return address. */
+	.text
+	.globl guest_isr
+guest_isr:
+	iretq
+
+	.globl idle_halt
+idle_halt:
+	sti
+	hlt
+	cli
+	ret
+
 	.section .rodata
 	.balign 8
 gdt:

@@ -14,6 +14,24 @@ typedef long long s64;
 #define MSR_KVM_SYSTEM_TIME_NEW 0x4b564d01
 #define KVM_FEATURE_CLOCKSOURCE2 (1u << 3)
 
+/* Local APIC, for idle mode's timer. */
+#define MSR_APIC_BASE 0x1b
+#define MSR_TSC_DEADLINE 0x6e0
+#define APIC_BASE_EXTD (1u << 10)
+#define APIC_BASE_EN (1u << 11)
+#define APIC_EOI 0xb0
+#define APIC_SVR 0xf0
+#define APIC_LVTT 0x320
+#define APIC_TMICT 0x380
+#define APIC_TDCR 0x3e0
+#define APIC_SVR_ENABLE 0x100
+#define APIC_SPURIOUS_VECTOR 0xff
+#define APIC_LVTT_TSC_DEADLINE (2u << 17)
+#define APIC_TDCR_DIV1 0xb
+#define IDLE_TIMER_VECTOR 0xef
+#define CPUID1_ECX_X2APIC (1u << 21)
+#define CPUID1_ECX_TSC_DEADLINE (1u << 24)
+
 struct pvclock {
 	volatile u32 version;
 	u32 pad0;
@@ -40,6 +58,20 @@ static u32 cfg_vcpus;
 static u32 cfg_dirty_mib;
 static u32 cfg_has_probe;
 static volatile u32 config_ready;
+
+/* Idle mode: one IDT shared by every vCPU; vectors 32..255 return at once (entry.S). */
+struct idt_gate {
+	u16 off0;
+	u16 sel;
+	u8 ist;
+	u8 type;
+	u16 off1;
+	u32 off2;
+	u32 zero;
+} __attribute__((packed));
+static struct idt_gate idt[256] __attribute__((aligned(16)));
+extern void guest_isr(void);
+extern void idle_halt(void);
 
 void *memset(void *d, int c, unsigned long n)
 {
@@ -172,6 +204,10 @@ struct sampler {
 	u64 prev_ns;         /* kvmclock of the previous sample */
 	u64 last_adjust;
 	u64 cmd_seq_done;
+	u32 idle_us;         /* idle mode: halt this long between samples (0 = busy loop) */
+	int apic;            /* 0 = not set up yet, 1 = xAPIC (MMIO), 2 = x2APIC (MSRs) */
+	int tsc_deadline;    /* the APIC timer runs in TSC-deadline mode */
+	u64 apic_mmio;
 };
 
 static inline volatile u64 *rec(u32 idx) { return vcpus[idx].rec; }
@@ -283,6 +319,88 @@ static void set_tsc_adjust(struct sampler *s, u64 value)
 	s->have_prev = 0; /* the next sample starts a new baseline */
 }
 
+/* ---- idle mode ---- */
+static void idt_build(void)
+{
+	u64 isr = (u64)(unsigned long)guest_isr;
+	for (int v = 32; v < 256; v++) {
+		idt[v].off0 = (u16)isr;
+		idt[v].sel = 0x08;
+		idt[v].ist = 0;
+		idt[v].type = 0x8e; /* present, DPL 0, 64-bit interrupt gate */
+		idt[v].off1 = (u16)(isr >> 16);
+		idt[v].off2 = (u32)(isr >> 32);
+		idt[v].zero = 0;
+	}
+}
+
+static void idt_load(void)
+{
+	struct {
+		u16 limit;
+		u64 base;
+	} __attribute__((packed)) d = { sizeof(idt) - 1, (u64)(unsigned long)idt };
+	__asm__ volatile("lidt %0" : : "m"(d) : "memory");
+}
+
+static void apic_write(struct sampler *s, u32 reg, u32 v)
+{
+	if (s->apic == 2)
+		wrmsr(0x800 + (reg >> 4), v);
+	else
+		*(volatile u32 *)(unsigned long)(s->apic_mmio + reg) = v;
+}
+
+/* Enables this vCPU's local APIC with its timer on IDLE_TIMER_VECTOR, masked until armed. */
+static void apic_setup(struct sampler *s)
+{
+	u32 a, b, c, d;
+	cpuid(1, 0, &a, &b, &c, &d);
+	u64 base = rdmsr(MSR_APIC_BASE);
+	if (!(base & APIC_BASE_EN)) {
+		base |= APIC_BASE_EN;
+		wrmsr(MSR_APIC_BASE, base);
+	}
+	if (c & CPUID1_ECX_X2APIC) {
+		if (!(base & APIC_BASE_EXTD))
+			wrmsr(MSR_APIC_BASE, base | APIC_BASE_EXTD);
+		s->apic = 2;
+	} else {
+		s->apic_mmio = base & 0xfffff000ULL; /* below 4 GiB: identity mapped */
+		s->apic = 1;
+	}
+	s->tsc_deadline = (c & CPUID1_ECX_TSC_DEADLINE) != 0 && s->tsc_khz != 0;
+	apic_write(s, APIC_SVR, APIC_SVR_ENABLE | APIC_SPURIOUS_VECTOR);
+	if (s->tsc_deadline) {
+		apic_write(s, APIC_LVTT, IDLE_TIMER_VECTOR | APIC_LVTT_TSC_DEADLINE);
+	} else {
+		apic_write(s, APIC_TDCR, APIC_TDCR_DIV1);
+		apic_write(s, APIC_LVTT, IDLE_TIMER_VECTOR); /* one-shot */
+	}
+}
+
+/* Halts until the APIC timer fires idle_us from now (or another interrupt arrives). The
+ * host's pause kicks the vCPU out of the halt and back into it; time spent paused counts. */
+static void idle_wait(struct sampler *s)
+{
+	if (!s->apic)
+		apic_setup(s);
+	if (s->tsc_deadline) {
+		wrmsr(MSR_TSC_DEADLINE, rdtsc_ordered() + (u64)s->idle_us * s->tsc_khz / 1000);
+	} else {
+		/* KVM's APIC bus runs at 1 GHz unless the VMM says otherwise: 1 count = 1 ns. */
+		apic_write(s, APIC_TMICT, s->idle_us * 1000u);
+	}
+	idle_halt();
+	apic_write(s, APIC_EOI, 0);
+}
+
+static u32 read_idle_us(void)
+{
+	u32 v = inl(PROBE_BASE + PROBE_REG_IDLE_US);
+	return v > IDLE_MAX_US ? IDLE_MAX_US : v;
+}
+
 /* Publishes this vCPU's record; returns the command the device left in it. */
 static u64 report(struct sampler *s, u64 *arg)
 {
@@ -296,6 +414,7 @@ static u64 report(struct sampler *s, u64 *arg)
 		return CMD_NONE;
 	outl(PROBE_BASE + PROBE_REG_DOORBELL, (u32)(unsigned long)r);
 	__asm__ volatile("" ::: "memory");
+	s->idle_us = read_idle_us();
 	u64 cmd = r[REC_CMD];
 	if (cmd == CMD_NONE || r[REC_CMD_SEQ] == s->cmd_seq_done)
 		return CMD_NONE;
@@ -403,6 +522,7 @@ void guest_main(u32 idx, u32 start_info)
 		put_u64(cfg_dirty_mib);
 		puts_("\n");
 		unlock_serial();
+		idt_build();
 		__atomic_store_n(&config_ready, 1, __ATOMIC_RELEASE);
 	} else {
 		while (!__atomic_load_n(&config_ready, __ATOMIC_ACQUIRE))
@@ -413,6 +533,7 @@ void guest_main(u32 idx, u32 start_info)
 			__asm__ volatile("cli; hlt");
 	}
 
+	idt_load();
 	volatile u64 *r = rec(idx);
 	r[REC_MAGIC] = RECORD_MAGIC;
 	r[REC_VCPU] = idx;
@@ -463,6 +584,9 @@ void guest_main(u32 idx, u32 start_info)
 		}
 	}
 
+	if (cfg_has_probe)
+		s.idle_us = read_idle_us();
+
 	u64 report_cycles = s.tsc_khz ? s.tsc_khz * REPORT_INTERVAL_US / 1000 : 10000000;
 	u64 beat_cycles = s.tsc_khz ? s.tsc_khz * 1000 : 2000000000ULL;
 	u64 dirty_pages = (u64)cfg_dirty_mib << 8, cursor = 0, pass = 0;
@@ -505,5 +629,7 @@ void guest_main(u32 idx, u32 start_info)
 					__asm__ volatile("cli; hlt");
 			}
 		}
+		if (s.idle_us)
+			idle_wait(&s);
 	}
 }
