@@ -23,7 +23,7 @@ step "cargo test (workspace)"
 if [ ! -e /dev/kvm ]; then
     echo "note: /dev/kvm is absent: tests that need it will print why they skip"
 fi
-cargo test --workspace -- --test-threads="${TEST_THREADS:-2}"
+cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"
 
 if [ -x scripts/nested-kvm.sh ] && [ "${SKIP_NESTED:-0}" != 1 ]; then
     step "nested kvm_amd (TSC offsets honoured)"
