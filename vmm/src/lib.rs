@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod config;
+pub mod migration;
 pub mod signal;
 pub mod snapshot;
 pub mod vcpu;
@@ -44,6 +45,10 @@ pub enum VmmEvent {
 pub struct Vmm {
     vm: Mutex<Vm>,
     events: Mutex<Sender<VmmEvent>>,
+    /// The latest outgoing migration's progress (`vm.info`'s `migration`).
+    migration: migration::SharedProgress,
+    /// An outgoing migration is running.
+    migrating: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -114,10 +119,7 @@ impl Vmm {
     ) -> Result<Self, VmError> {
         let vm_tx = forward_vm_events(events.clone())?;
         let vm = Vm::boot(hv, config, vm_tx)?;
-        Ok(Self {
-            vm: Mutex::new(vm),
-            events: Mutex::new(events),
-        })
+        Ok(Self::from_vm(vm, events))
     }
 
     /// Restore a VM from the snapshot `cfg.source_url` names (`hourglass --restore` and
@@ -153,10 +155,39 @@ impl Vmm {
             dir.display(),
             if cfg.resume { "running" } else { "paused" }
         );
-        Ok(Self {
+        Ok(Self::from_vm(vm, events))
+    }
+
+    /// A VMM around a VM built elsewhere (a received migration).
+    pub fn from_vm(vm: Vm, events: Sender<VmmEvent>) -> Self {
+        Self {
             vm: Mutex::new(vm),
             events: Mutex::new(events),
-        })
+            migration: Default::default(),
+            migrating: Default::default(),
+        }
+    }
+
+    /// The latest outgoing migration's progress, if there was one.
+    pub fn migration_progress(&self) -> Option<migration::MigrationProgress> {
+        let p = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        (!p.phase.is_empty()).then(|| p.clone())
+    }
+
+    /// Migrate the VM to `cfg.destination_url` (see [`migration::send`]); one at a time.
+    pub fn send_migration(
+        &self,
+        cfg: &crate::api::SendMigrationConfig,
+    ) -> Result<migration::SendReport, ApiError> {
+        use std::sync::atomic::Ordering;
+        if self.migrating.swap(true, Ordering::SeqCst) {
+            return Err(ApiError::conflict("The VM could not be migrated")
+                .caused_by("a migration of this VM is already running"));
+        }
+        info!("API: vm.send-migration to {}", cfg.destination_url);
+        let r = migration::send(&self.vm, cfg, &self.migration);
+        self.migrating.store(false, Ordering::SeqCst);
+        r.map_err(|e| ApiError::from_error(e.status(), "The VM could not be migrated", &e))
     }
 
     /// The VM (serialises every control operation).
@@ -167,6 +198,8 @@ impl Vmm {
     /// The body of `vm.info`: Cloud Hypervisor's `config`, `state` and `memory_actual_size`, plus
     /// Hourglass's `clock`, `time_probe` and `pause_stats`.
     pub fn info(&self) -> serde_json::Value {
+        // Before the VM lock: the progress is updated while a migration runs.
+        let migration = self.migration_progress();
         let vm = self.vm();
         let c = vm.config();
         serde_json::json!({
@@ -183,6 +216,7 @@ impl Vmm {
             "clock": vm.clock_info(),
             "time_probe": vm.probe_report(),
             "pause_stats": vm.stats(),
+            "migration": migration,
         })
     }
 
@@ -252,10 +286,13 @@ impl ApiHandler for Vmm {
                     "this VMM already has a VM; restore into an hourglass started with only \
                      --api-socket",
                 )),
-            other => Err(ApiError::internal(format!(
-                "{} is not implemented by this Hourglass build",
-                other.endpoint()
-            ))),
+            ApiRequest::VmSendMigration(cfg) => {
+                self.send_migration(&cfg).map(|_| ApiResponse::Empty)
+            }
+            ApiRequest::VmReceiveMigration(_) => Err(ApiError::conflict(
+                "The VM could not be received",
+            )
+            .caused_by("this VMM already has a VM; receive into an hourglass started with only --api-socket")),
         }
     }
 }
@@ -357,6 +394,35 @@ impl ApiHandler for Service {
                     )
                 })?;
                 self.set(Arc::new(vmm));
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::VmReceiveMigration(cfg) => {
+                let _one = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(v) = self.vmm.get() {
+                    return v.handle(ApiRequest::VmReceiveMigration(cfg));
+                }
+                let what = "The VM could not be received";
+                let url = cfg
+                    .receiver()
+                    .map_err(|e| ApiError::bad_request(what).caused_by(e))?;
+                let ep = migration::source::endpoint(&url);
+                info!("API: vm.receive-migration on {ep}");
+                let vm_tx = forward_vm_events(self.events()).map_err(|e| chain(500, what, &e))?;
+                let policy = cfg
+                    .clock_policy
+                    .map(policy_from_api)
+                    .unwrap_or(hypervisor::tsc::ClockPolicy::Wallclock);
+                let (mut vm, report) =
+                    migration::receive_vm(&ep, self.hv.clone(), self.serial.clone(), vm_tx, policy)
+                        .map_err(|e| ApiError::from_error(e.status(), what, &e))?;
+                vm.set_restored_from(serde_json::json!({
+                    "migration": ep.to_string(),
+                    "bytes": report.bytes,
+                    "data_pages": report.data_pages,
+                    "zero_pages": report.zero_pages,
+                    "total_ns": u64::try_from(report.total.as_nanos()).unwrap_or(u64::MAX),
+                }));
+                self.set(Arc::new(Vmm::from_vm(vm, self.events())));
                 Ok(ApiResponse::Empty)
             }
             other => Err(ApiError::internal(format!(

@@ -170,11 +170,52 @@ struct Parts {
     paused: Option<Capture>,
 }
 
+/// A VM being received by a migration (or restored): guest RAM mapped, vCPUs created with
+/// their CPUID and the guest TSC rate set, no state yet. [`Vm::finish_incoming`] completes it.
+pub struct Incoming {
+    hv_name: &'static str,
+    vm: Arc<dyn hypervisor::Vm>,
+    config: VmConfig,
+    memory: GuestMemoryMmap,
+    vcpus: Vec<Box<dyn Vcpu>>,
+    tsc_khz: u32,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("config", &self.config)
+            .field("tsc_khz", &self.tsc_khz)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Incoming {
+    /// Guest RAM (written by the migration before the state arrives).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The RAM regions as `(guest address, bytes)`.
+    pub fn ram_regions(&self) -> Vec<(u64, u64)> {
+        self.memory
+            .iter()
+            .map(|r| (r.start_addr().raw_value(), r.len()))
+            .collect()
+    }
+}
+
 /// Map every region of `memory` into the VM, one slot per region.
 fn map_guest_memory(
     vm: &dyn hypervisor::Vm,
     memory: &GuestMemoryMmap,
     size: u64,
+    dirty_log: bool,
 ) -> Result<(), VmError> {
     for (slot, region) in memory.iter().enumerate() {
         let host = region
@@ -191,7 +232,7 @@ fn map_guest_memory(
                 region.start_addr().raw_value(),
                 region.len(),
                 host as u64,
-                false,
+                dirty_log,
             )
         }
         .map_err(hv_err(format!("map guest memory slot {slot}")))?;
@@ -277,7 +318,7 @@ impl Vm {
             size,
             reason: e.to_string(),
         })?;
-        map_guest_memory(vm.as_ref(), &memory, size)?;
+        map_guest_memory(vm.as_ref(), &memory, size, false)?;
 
         let image: std::borrow::Cow<'static, [u8]> = match &config.kernel {
             Some(p) => std::fs::read(p)
@@ -472,6 +513,29 @@ impl Vm {
     /// capture of the pause, every vCPU's state, the devices' states and guest RAM (see
     /// [`crate::snapshot`]). A running VM is refused ([`VmError::InvalidState`]).
     pub fn snapshot(&self, dest: &Path) -> Result<WriteReport, VmError> {
+        let state = self.capture_state()?;
+        let memory = self.vcpus.shared().memory.clone();
+        let report = crate::snapshot::write(
+            dest,
+            &self.config,
+            &state,
+            &memory,
+            &WriteOptions::default(),
+        )?;
+        info!(
+            "snapshot written to {}: {} MiB of RAM, {} MiB of data, in {:?}",
+            dest.display(),
+            report.memory_bytes >> 20,
+            report.data_bytes >> 20,
+            report.total_time
+        );
+        Ok(report)
+    }
+
+    /// The paused VM's state: the time capture of the pause, every vCPU's state and the
+    /// devices' states (what a snapshot's `state.json` and a migration's `State` frame hold).
+    /// A running VM is refused ([`VmError::InvalidState`]).
+    pub fn capture_state(&self) -> Result<VmState, VmError> {
         match self.state {
             RunState::Paused => {}
             RunState::Running => {
@@ -502,30 +566,136 @@ impl Vm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .state();
-        let state = VmState {
+        Ok(VmState {
             tsc: capture.snapshot.clone(),
             vcpus,
             devices: DeviceStates {
                 serial,
                 probe: self.probe.state(),
             },
+        })
+    }
+
+    /// Guest RAM.
+    pub fn guest_memory(&self) -> Arc<GuestMemoryMmap> {
+        self.vcpus.shared().memory.clone()
+    }
+
+    /// The hypervisor's VM (for dirty logs).
+    pub fn hypervisor_vm(&self) -> Arc<dyn hypervisor::Vm> {
+        self.vm.clone()
+    }
+
+    /// The guest TSC frequency, kHz.
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+
+    /// Turn KVM dirty-page logging on or off on every RAM slot (the slots are registered
+    /// again with the flag changed; the guest may run meanwhile).
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
+        let memory = self.guest_memory();
+        map_guest_memory(self.vm.as_ref(), &memory, self.config.memory.size, on)
+    }
+
+    /// What `vm.info`'s `clock.restored_from` shows (e.g. the migration this VM came from).
+    pub fn set_restored_from(&mut self, v: serde_json::Value) {
+        self.restored_from = Some(v);
+    }
+
+    /// Start receiving a VM with `config` whose guest TSC runs at `tsc_khz`: fresh zeroed
+    /// RAM, the hypervisor VM, vCPUs with CPUID. Refused before any state exists when the
+    /// host cannot run the guest TSC at `tsc_khz`.
+    pub fn prepare_incoming(
+        hv: Arc<dyn Hypervisor>,
+        config: VmConfig,
+        tsc_khz: u32,
+    ) -> Result<Incoming, VmError> {
+        let size = config.memory.size;
+        let regions = arch::layout::ram_regions(size)?;
+        let memory = GuestMemoryMmap::from_ranges(&regions).map_err(|e| VmError::Memory {
+            size,
+            reason: e.to_string(),
+        })?;
+        Self::prepare_with_memory(hv.as_ref(), config, tsc_khz, memory)
+    }
+
+    fn prepare_with_memory(
+        hv: &dyn Hypervisor,
+        config: VmConfig,
+        khz: u32,
+        memory: GuestMemoryMmap,
+    ) -> Result<Incoming, VmError> {
+        let n = config.cpus.boot_vcpus;
+        let vm = hv.create_vm().map_err(hv_err("create the VM"))?;
+        map_guest_memory(vm.as_ref(), &memory, config.memory.size, false)?;
+        let vcpus = create_vcpus(vm.as_ref(), n)?;
+        if vm.guest_tsc_khz() != khz {
+            let refs: Vec<&dyn Vcpu> = vcpus.iter().map(|v| v.as_ref()).collect();
+            vm.set_guest_tsc_khz(&refs, khz).map_err(hv_err(format!(
+                "the guest TSC runs at {khz} kHz, which this host cannot provide"
+            )))?;
+        }
+        set_cpuids(hv, &vcpus, n, khz)?;
+        Ok(Incoming {
+            hv_name: hv.name(),
+            vm,
+            config,
+            memory,
+            vcpus,
+            tsc_khz: khz,
+        })
+    }
+
+    /// Complete a VM started by [`Vm::prepare_incoming`] (or a restore) with `state`: vCPU and
+    /// device state restored, vCPU threads parked; its guest time is thawed by the first
+    /// [`Vm::resume`].
+    pub fn finish_incoming(
+        inc: Incoming,
+        state: &VmState,
+        events: Sender<VmEvent>,
+    ) -> Result<Self, VmError> {
+        let Incoming {
+            hv_name,
+            vm,
+            config,
+            memory,
+            vcpus,
+            tsc_khz,
+        } = inc;
+        if state.vcpus.len() != vcpus.len() {
+            return Err(VmError::Config(format!(
+                "the state holds {} vCPUs, the configuration {}",
+                state.vcpus.len(),
+                vcpus.len()
+            )));
+        }
+        // Registers, special registers, XSAVE, XCRs, LAPIC, then MSRs (TSC_DEADLINE is held
+        // back by the backend until the thaw has put the TSC in place), events, MP state.
+        for (v, st) in vcpus.iter().zip(&state.vcpus) {
+            v.set_state(st)
+                .map_err(hv_err(format!("restore vCPU {}'s state", st.id)))?;
+        }
+        let serial = Serial::from_state(&state.devices.serial, &config.serial)
+            .map_err(|e| VmError::Device(format!("serial: {e}")))?;
+        let probe = TimeProbe::restore(state.devices.probe.clone())
+            .map_err(|e| VmError::Device(format!("time probe: {e}")))?;
+        let capture = Capture {
+            snapshot: state.tsc.clone(),
+            skew_cycles: 0,
         };
-        let memory = self.vcpus.shared().memory.clone();
-        let report = crate::snapshot::write(
-            dest,
-            &self.config,
-            &state,
-            &memory,
-            &WriteOptions::default(),
-        )?;
-        info!(
-            "snapshot written to {}: {} MiB of RAM, {} MiB of data, in {:?}",
-            dest.display(),
-            report.memory_bytes >> 20,
-            report.data_bytes >> 20,
-            report.total_time
-        );
-        Ok(report)
+        Self::assemble(Parts {
+            hv_name,
+            vm,
+            config,
+            memory,
+            vcpus,
+            serial,
+            probe,
+            tsc_khz,
+            events,
+            paused: Some(capture),
+        })
     }
 
     /// Recreate a VM from a snapshot that [`Snapshot::read`] checked, parked: its guest time
@@ -542,50 +712,14 @@ impl Vm {
         if let Some(s) = &opts.serial {
             config.serial = s.clone();
         }
-        let n = config.cpus.boot_vcpus;
-        let size = config.memory.size;
         let tsc = &snap.state.tsc;
         let khz = tsc.tsc_khz();
 
         let t0 = Instant::now();
         let memory = snap.load_memory(&opts.memory)?;
         let memory_time = t0.elapsed();
-        let vm = hv.create_vm().map_err(hv_err("create the VM"))?;
-        map_guest_memory(vm.as_ref(), &memory, size)?;
-        let vcpus = create_vcpus(vm.as_ref(), n)?;
-        if vm.guest_tsc_khz() != khz {
-            let refs: Vec<&dyn Vcpu> = vcpus.iter().map(|v| v.as_ref()).collect();
-            vm.set_guest_tsc_khz(&refs, khz).map_err(hv_err(format!(
-                "the snapshot's guest TSC runs at {khz} kHz, which this host cannot provide"
-            )))?;
-        }
-        set_cpuids(hv.as_ref(), &vcpus, n, khz)?;
-        // Registers, special registers, XSAVE, XCRs, LAPIC, then MSRs (TSC_DEADLINE is held
-        // back by the backend until the thaw has put the TSC in place), events, MP state.
-        for (v, st) in vcpus.iter().zip(&snap.state.vcpus) {
-            v.set_state(st)
-                .map_err(hv_err(format!("restore vCPU {}'s state", st.id)))?;
-        }
-        let serial = Serial::from_state(&snap.state.devices.serial, &config.serial)
-            .map_err(|e| VmError::Device(format!("serial: {e}")))?;
-        let probe = TimeProbe::restore(snap.state.devices.probe.clone())
-            .map_err(|e| VmError::Device(format!("time probe: {e}")))?;
-        let capture = Capture {
-            snapshot: tsc.clone(),
-            skew_cycles: 0,
-        };
-        let mut vm = Self::assemble(Parts {
-            hv_name: hv.name(),
-            vm,
-            config,
-            memory,
-            vcpus,
-            serial,
-            probe,
-            tsc_khz: khz,
-            events,
-            paused: Some(capture),
-        })?;
+        let inc = Self::prepare_with_memory(hv.as_ref(), config, khz, memory)?;
+        let mut vm = Self::finish_incoming(inc, &snap.state, events)?;
         vm.resume_policy = opts.policy;
         vm.restored_vcpus = Some(snap.state.vcpus.clone());
         vm.restored_from = Some(serde_json::json!({

@@ -326,6 +326,30 @@ pub fn decode_checksums(bytes: &[u8]) -> Result<Checksums, SnapshotError> {
     format::decode_checksums(bytes)
 }
 
+/// `state.json`'s bytes for `state` of a VM with `config` (what [`write`] stores; also the
+/// payload of a migration's `State` frame).
+pub fn encode_state(config: &VmConfig, state: &VmState) -> Result<Vec<u8>, SnapshotError> {
+    let layout = MemoryLayout::for_size(config.memory.size).map_err(SnapshotError::Memory)?;
+    let state_file = StateFile {
+        version: STATE_VERSION,
+        tsc: &state.tsc,
+        vcpus: &state.vcpus,
+        devices: &state.devices,
+        memory: &layout,
+    };
+    serde_json::to_vec(&state_file).map_err(|e| format::invalid(STATE_FILE, "(top level)", e))
+}
+
+/// Decode `config.json` bytes (errors name the field).
+pub fn decode_config(bytes: &[u8]) -> Result<VmConfig, SnapshotError> {
+    format::decode_config(bytes)
+}
+
+/// Decode `state.json` bytes and check them against `config` (errors name the field).
+pub fn decode_state(bytes: &[u8], config: &VmConfig) -> Result<VmState, SnapshotError> {
+    format::decode_state(bytes, config).map(|(state, _)| state)
+}
+
 /// A snapshot read from disk and checked (everything but `memory.bin`'s content, which
 /// [`Snapshot::load_memory`] checks).
 #[derive(Debug)]

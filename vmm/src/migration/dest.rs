@@ -1,0 +1,292 @@
+//! The receiving side: a [`Destination`] that builds a VM from the frames, and
+//! [`receive_vm`], which listens, runs the conversation and hands back the running VM.
+
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hypervisor::tsc::ClockPolicy;
+use hypervisor::Hypervisor;
+use log::{info, warn};
+use serde::Deserialize;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::protocol::{RunData, PAGE_SIZE};
+use super::{receive, Destination, Endpoint, FrameReader, FrameWriter, Listener, RamRange};
+use super::{MigrationError, ProtocolError, Receiver};
+use crate::config::VmConfig;
+use crate::vcpu::VmEvent;
+use crate::vm::{Incoming, Vm};
+
+/// Version of the `Config` frame's JSON.
+pub const CONFIG_VERSION: u32 = 1;
+/// Longest silence of the source between two frames before the destination gives up.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The `Config` frame's JSON.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFrame {
+    version: u32,
+    tsc_khz: u32,
+    config: serde_json::Value,
+}
+
+/// Decode a `Config` frame's JSON: `{version, tsc_khz, config}`, the configuration decoded
+/// as a snapshot's `config.json` is. The error names the field.
+pub fn decode_config_frame(json: &[u8]) -> Result<(VmConfig, u32), String> {
+    let f: ConfigFrame = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    if f.version != CONFIG_VERSION {
+        return Err(format!(
+            "version: {} is not a configuration version this build reads (it reads {CONFIG_VERSION})",
+            f.version
+        ));
+    }
+    if f.tsc_khz == 0 {
+        return Err("tsc_khz: 0 is not a TSC frequency".into());
+    }
+    let bytes = serde_json::to_vec(&f.config).map_err(|e| e.to_string())?;
+    let config = crate::snapshot::decode_config(&bytes).map_err(|e| format!("config: {e}"))?;
+    Ok((config, f.tsc_khz))
+}
+
+/// Builds the migrated VM: RAM and vCPUs at `Config`, pages at `Memory`, state at `State`
+/// (parked), run at `Complete` under the policy given (`wallclock` by default).
+pub struct VmDestination {
+    hv: Arc<dyn Hypervisor>,
+    serial: Option<devices::SerialOutput>,
+    events: Sender<VmEvent>,
+    policy: ClockPolicy,
+    tsc_khz: u32,
+    incoming: Option<Incoming>,
+    vm: Option<Vm>,
+    memory_time: Duration,
+    /// RAM ranges and, per range, one bit per page written with content so far. Fresh guest
+    /// RAM is zero, so a zero run over pages never written costs nothing (an idle guest's
+    /// RAM is mostly zero runs; writing them would fault in all of it).
+    written: Vec<(RamRange, Vec<u64>)>,
+}
+
+impl std::fmt::Debug for VmDestination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmDestination")
+            .field("tsc_khz", &self.tsc_khz)
+            .field("has_vm", &self.vm.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmDestination {
+    /// A destination on `hv`; the VM's serial goes to `serial` when given (else the source's
+    /// configuration), its events to `events`.
+    pub fn new(
+        hv: Arc<dyn Hypervisor>,
+        serial: Option<devices::SerialOutput>,
+        events: Sender<VmEvent>,
+        policy: ClockPolicy,
+    ) -> Self {
+        Self {
+            hv,
+            serial,
+            events,
+            policy,
+            tsc_khz: 0,
+            incoming: None,
+            vm: None,
+            memory_time: Duration::ZERO,
+            written: Vec::new(),
+        }
+    }
+
+    /// The VM, once `Complete` has run it.
+    pub fn take_vm(&mut self) -> Option<Vm> {
+        self.vm.take()
+    }
+}
+
+impl Destination for VmDestination {
+    fn config(&mut self, json: &[u8]) -> Result<Vec<RamRange>, String> {
+        let (mut config, tsc_khz) = decode_config_frame(json)?;
+        if let Some(s) = &self.serial {
+            config.serial = s.clone();
+        }
+        let incoming =
+            Vm::prepare_incoming(self.hv.clone(), config, tsc_khz).map_err(|e| chain(&e))?;
+        let ranges: Vec<RamRange> = incoming
+            .ram_regions()
+            .into_iter()
+            .map(|(gpa, len)| RamRange { gpa, len })
+            .collect();
+        self.tsc_khz = tsc_khz;
+        self.incoming = Some(incoming);
+        self.written = ranges
+            .iter()
+            .map(|r: &RamRange| (*r, vec![0u64; (r.len / PAGE_SIZE).div_ceil(64) as usize]))
+            .collect();
+        Ok(ranges)
+    }
+
+    fn memory(&mut self, gpa: u64, len: u64, data: RunData<'_>) -> Result<(), String> {
+        let t = Instant::now();
+        let inc = self
+            .incoming
+            .as_ref()
+            .ok_or("memory before the VM was configured")?;
+        let mem: &GuestMemoryMmap = inc.memory();
+        let (range, bits) = self
+            .written
+            .iter_mut()
+            .find(|(r, _)| r.contains(gpa, len))
+            .ok_or_else(|| format!("{gpa:#x}+{len:#x} is not guest RAM"))?;
+        let first = ((gpa - range.gpa) / PAGE_SIZE) as usize;
+        let pages = (len / PAGE_SIZE) as usize;
+        let r = match data {
+            RunData::Bytes(b) => {
+                for p in first..first + pages {
+                    bits[p / 64] |= 1 << (p % 64);
+                }
+                mem.write_slice(b, GuestAddress(gpa))
+                    .map_err(|e| e.to_string())
+            }
+            RunData::Zero => {
+                let mut r = Ok(());
+                for p in first..first + pages {
+                    if bits[p / 64] & (1 << (p % 64)) != 0 {
+                        bits[p / 64] &= !(1 << (p % 64));
+                        r = zero(mem, range.gpa + p as u64 * PAGE_SIZE, PAGE_SIZE);
+                        if r.is_err() {
+                            break;
+                        }
+                    }
+                }
+                r
+            }
+        };
+        self.memory_time += t.elapsed();
+        r.map_err(|e| format!("write guest memory at {gpa:#x}+{len:#x}: {e}"))
+    }
+
+    fn state(&mut self, json: &[u8]) -> Result<(), String> {
+        let inc = self
+            .incoming
+            .take()
+            .ok_or("state before the VM was configured")?;
+        let state = crate::snapshot::decode_state(json, inc.config()).map_err(|e| e.to_string())?;
+        if state.tsc.tsc_khz() != self.tsc_khz {
+            return Err(format!(
+                "tsc.tsc_khz: {} kHz but the Config frame announced {} kHz",
+                state.tsc.tsc_khz(),
+                self.tsc_khz
+            ));
+        }
+        let vm = Vm::finish_incoming(inc, &state, self.events.clone()).map_err(|e| chain(&e))?;
+        self.vm = Some(vm);
+        Ok(())
+    }
+
+    fn complete(&mut self) -> Result<(), String> {
+        let vm = self.vm.as_mut().ok_or("complete before the state")?;
+        let report = vm.resume(self.policy).map_err(|e| chain(&e))?;
+        info!(
+            "migration: VM running here; clock policy {} applied as {:?}, {} ns elapsed",
+            self.policy, report.policy_applied, report.elapsed_ns
+        );
+        Ok(())
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        next = c.source();
+    }
+    s
+}
+
+fn zero(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Result<(), String> {
+    static ZERO: [u8; 4096] = [0; 4096];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(ZERO.len() as u64);
+        mem.write_slice(&ZERO[..n as usize], GuestAddress(gpa + at))
+            .map_err(|e| e.to_string())?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// What [`receive_vm`] did.
+#[derive(Debug)]
+pub struct ReceiveReport {
+    /// Memory frames received.
+    pub memory_frames: u64,
+    /// Pages received with content.
+    pub data_pages: u64,
+    /// Pages received as zero.
+    pub zero_pages: u64,
+    /// Bytes received.
+    pub bytes: u64,
+    /// Accept to `Complete` acknowledged.
+    pub total: Duration,
+}
+
+/// Listen on `ep`, receive one migration and return the VM, running. On any failure the
+/// partial VM is discarded and the source has been told why.
+pub fn receive_vm(
+    ep: &Endpoint,
+    hv: Arc<dyn Hypervisor>,
+    serial: Option<devices::SerialOutput>,
+    events: Sender<VmEvent>,
+    policy: ClockPolicy,
+) -> Result<(Vm, ReceiveReport), MigrationError> {
+    let listener = Listener::bind(ep).map_err(|source| MigrationError::Listen {
+        endpoint: ep.to_string(),
+        source,
+    })?;
+    info!("migration: waiting for the source on {ep}");
+    let stream = listener.accept().map_err(|source| MigrationError::Listen {
+        endpoint: ep.to_string(),
+        source,
+    })?;
+    drop(listener);
+    let t0 = Instant::now();
+    let io = |source| {
+        MigrationError::Protocol(ProtocolError::Io {
+            what: "set up the migration socket",
+            source,
+        })
+    };
+    stream.set_read_timeout(Some(FRAME_TIMEOUT)).map_err(io)?;
+    stream.set_write_timeout(Some(FRAME_TIMEOUT)).map_err(io)?;
+    let mut reader = FrameReader::new(stream.try_clone().map_err(io)?);
+    let mut writer = FrameWriter::new(stream);
+    let mut rx = Receiver::new(VmDestination::new(hv, serial, events, policy));
+    let r = receive(&mut reader, &mut writer, &mut rx);
+    let report = ReceiveReport {
+        memory_frames: rx.memory_frames,
+        data_pages: rx.data_pages,
+        zero_pages: rx.zero_pages,
+        bytes: reader.bytes(),
+        total: t0.elapsed(),
+    };
+    if let Err(e) = r {
+        warn!("migration: receive failed: {e}; the partial VM is discarded");
+        // Dropping the destination drops the parked VM (its vCPU threads stop) and its RAM.
+        drop(rx);
+        return Err(e.into());
+    }
+    let vm = rx.destination_mut().take_vm().ok_or_else(|| {
+        MigrationError::InvalidState("the migration completed without a VM".into())
+    })?;
+    info!(
+        "migration: received {} MiB ({} data pages, {} zero pages) in {:?}",
+        report.bytes >> 20,
+        report.data_pages,
+        report.zero_pages,
+        report.total
+    );
+    Ok((vm, report))
+}

@@ -1,0 +1,71 @@
+//! [`MigrationError`]: why a migration failed, on either side.
+
+use super::ProtocolError;
+use crate::vm::VmError;
+
+/// A failed migration. The source VM keeps running after any of these; the destination has
+/// discarded what it built.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The URL does not parse.
+    #[error("bad migration URL: {0}")]
+    Url(String),
+    /// The destination could not be reached.
+    #[error("cannot connect to {endpoint}: {source}")]
+    Connect {
+        /// Where.
+        endpoint: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The receiving socket could not be opened.
+    #[error("cannot listen on {endpoint}: {source}")]
+    Listen {
+        /// Where.
+        endpoint: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The conversation failed (bad frame, dropped connection, the peer's error).
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The VM could not be paused, resumed, read or rebuilt.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A hypervisor call of the migration failed.
+    #[error("{0}")]
+    Hypervisor(String),
+    /// Guest memory could not be read or written.
+    #[error("{0}")]
+    Memory(String),
+    /// The state could not be encoded.
+    #[error("cannot encode the VM state: {0}")]
+    Encode(String),
+    /// The VM is in no state to migrate.
+    #[error("{0}")]
+    InvalidState(String),
+    /// The migration ran past its `timeout_s`.
+    #[error("the migration did not finish within timeout_s = {0} s")]
+    Timeout(u64),
+}
+
+impl From<crate::snapshot::SnapshotError> for MigrationError {
+    fn from(e: crate::snapshot::SnapshotError) -> Self {
+        Self::Vm(VmError::Snapshot(e))
+    }
+}
+
+impl MigrationError {
+    /// The HTTP status of the failed API request: 4xx where the request, the VM's state or
+    /// the peer's input is at fault, 5xx where this host failed.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Url(_) | Self::InvalidState(_) => 400,
+            Self::Protocol(p) if p.is_bad_input() => 400,
+            Self::Connect { .. } | Self::Timeout(_) => 400,
+            _ => 500,
+        }
+    }
+}
