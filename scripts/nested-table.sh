@@ -14,7 +14,12 @@
 #
 # Columns (all measured by the guest's own samples or by the test on the VMM's host; each cell is
 # the worst over the vCPU counts listed, of largest magnitude):
-#   pause              real time during which the VM was surely paused (all cycles together)
+#   pause              real time during which the VM was surely paused (of the cycles: the
+#                      longest one)
+#   pause seen         how much of the pause the guest saw, worst vCPU (for the cycles: worst
+#                      cycle): its TSC advance between its last sample before the pause and one
+#                      after, less the time the VM surely ran in between; `wallclock`: the pause;
+#                      `frozen`: only the latency of the pause and resume API calls
 #   largest TSC jump   the guest's largest forward TSC step between two of its samples over the
 #                      run so far (under `frozen` this must stay small; under `wallclock` it is
 #                      the pause, shown to the guest)
@@ -25,7 +30,8 @@
 #                      after another vCPU published a larger one); 0: none seen
 #   behind wall clock  how far the operation put the guest's TSC behind the host's real time,
 #                      (O_before - O_after) / f from the VM offsets the VMM read back, confirmed
-#                      on every vCPU from the guest's samples; `frozen`: the pause, by design
+#                      on every vCPU from the guest's samples (of the cycles: all together);
+#                      `frozen`: the paused time, by design
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,7 +42,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --console) CONSOLES+=("${2:?--console needs a file}"); shift 2 ;;
         --tsv) TSVS+=("${2:?--tsv needs a file}"); shift 2 ;;
-        -h | --help) sed -n '2,30p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h | --help) sed -n '/^set -euo/q;2,$p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "usage: scripts/nested-table.sh [--console FILE]... [--tsv FILE]..." >&2; exit 2 ;;
     esac
 done
@@ -88,6 +94,7 @@ if os.path.exists(results_path):
         f = line.rstrip("\n").split("\t")
         if len(f) >= 4:
             results[f[3]] = f[0]
+failed = sorted(t for t, r in results.items() if t.startswith("nested_vmm_") and r != "ok")
 
 records = []
 kept = []
@@ -149,6 +156,11 @@ def worst(rows, k):
     return max((r[k] for r in rows), key=abs)
 
 
+def seen(rows):
+    v = [int(r["pause_seen_ns"]) for r in rows if "pause_seen_ns" in r]
+    return fmt(max(v, key=abs)) if v else "—"
+
+
 groups = {}
 for key, r in latest.items():
     groups.setdefault(key[:3], []).append(r)
@@ -157,9 +169,10 @@ host_order = lambda h: (0 if h.startswith("kvm") else 1, h)
 op_order = lambda o: list(OPS).index(o) if o in OPS else len(OPS)
 pol_order = lambda p: {"wallclock": 0, "frozen": 1}.get(p, 2)
 
-print("| operation | policy requested → applied | host | vCPUs | pause | largest TSC jump seen "
-      "by the guest | kvmclock − TSC | cross-vCPU skew | guest behind wall clock | tests |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| operation | policy requested → applied | host | vCPUs | pause | pause seen by the guest "
+      "| largest TSC jump seen by the guest | kvmclock − TSC | cross-vCPU skew "
+      "| guest behind wall clock | tests |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for (op, pol, host) in sorted(groups, key=lambda k: (op_order(k[0]), pol_order(k[1]),
                                                       host_order(k[2]))):
     rows = sorted(groups[(op, pol, host)], key=lambda r: r["cpus"])
@@ -168,8 +181,13 @@ for (op, pol, host) in sorted(groups, key=lambda k: (op_order(k[0]), pol_order(k
     res = sorted({r["result"] for r in rows})
     print(f"| {OPS.get(op, op).format(cycles=cycles)} | {pol} → {applied} | {host} | "
           f"{', '.join(str(r['cpus']) for r in rows)} | {fmt(worst(rows, 'pause_ns'))} | "
+          f"{seen(rows)} | "
           f"{fmt(worst(rows, 'max_tsc_jump_ns'))} | "
           f"{fmt(worst(rows, 'kvmclock_tsc_divergence_ns'))} | "
           f"{fmt(worst(rows, 'cross_vcpu_skew_ns'))} | {fmt(worst(rows, 'wallclock_error_ns'))} | "
           f"{', '.join(res)} |")
+if failed:
+    print()
+    print(f"Failed in the last nested run (scripts/nested-kvm.sh; see target/nested/results.tsv): "
+          f"{', '.join(failed)}.")
 EOF
