@@ -14,7 +14,8 @@
 //! - the part of those outside `Vm::pause`/`Vm::resume` (API client, server, routing, locks,
 //!   scheduling of the API threads): round trip minus the VMM's own whole pause/resume;
 //! - inside the VMM (from `vm.info`'s `pause_stats`): pause request to every vCPU parked, the
-//!   freeze, the thaw, and the park opened to every vCPU thread out of it;
+//!   freeze, the thaw, the release (opening the park: the resume answers after it), and the park
+//!   opened to every vCPU thread out of it;
 //!
 //! and prints p50/p99 in microseconds as a table. Run with `scripts/bench.sh`.
 //!
@@ -49,6 +50,7 @@ struct Series {
     park: Vec<f64>,
     freeze: Vec<f64>,
     thaw: Vec<f64>,
+    unpark: Vec<f64>,
     released: Vec<f64>,
     /// Cycles whose vCPU threads had not all left the park when the next pause came.
     not_released: usize,
@@ -120,6 +122,8 @@ fn bench(vcpus: u32, idle_us: u32, cycles: usize, dir: &Path) -> Series {
         s.resume_api
             .push(rtt - us(st["last_resume_ns"].as_u64().unwrap_or(0)));
         s.thaw.push(us(st["last_thaw_ns"].as_u64().unwrap_or(0)));
+        s.unpark
+            .push(us(st["last_unpark_ns"].as_u64().unwrap_or(0)));
     }
     let info = vmm.info();
     let v = info["time_probe"]["totals"].clone();
@@ -185,6 +189,7 @@ fn main() {
         "pause: all parked",
         "freeze",
         "thaw",
+        "resume: release",
         "resume: all running",
     ];
     let mut head = format!("{:>10} {:>5}", "guest", "vCPUs");
@@ -206,6 +211,7 @@ fn main() {
                 &mut s.park,
                 &mut s.freeze,
                 &mut s.thaw,
+                &mut s.unpark,
                 &mut s.released,
             ] {
                 row.push_str(&format!(
