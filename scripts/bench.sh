@@ -1,27 +1,25 @@
 #!/usr/bin/env bash
-# Pause/resume latency benchmark of Hourglass on the real /dev/kvm.
+# Every Hourglass benchmark, each printing a table of figures and ratios (release builds).
 #
-#   scripts/bench.sh                    # 1, 4 and 16 vCPUs, 200 cycles, release build
-#   HOURGLASS_BENCH_VCPUS=1,2 HOURGLASS_BENCH_CYCLES=50 scripts/bench.sh
-#   HOURGLASS_BENCH_GUEST=idle scripts/bench.sh   # only the idle guest (busy, idle, idle:N)
-#   HOURGLASS_BENCH_CLIENT_SLICE=1 scripts/bench.sh # client thread with a short time slice
-#   PROFILE=dev scripts/bench.sh        # debug build (faster to build, slower to run)
+#   scripts/bench.sh                 all of them
+#   scripts/bench.sh pause|tsc|snapshot|migration
 #
-# Guests: `busy` (the test guest's sampling loop on every vCPU), `idle` (each vCPU halts 10 ms
-# between samples: an idle OS on a 100 Hz tick) and `idle:1000` (a 1 kHz tick).
-# Prints a table of p50/p99 in microseconds: request sent -> response received for vm.pause
-# and vm.resume; the part of those spent outside Vm::pause/Vm::resume (client, API server,
-# scheduling); and, measured inside the VMM, pause request -> every vCPU parked, the freeze,
-# the thaw, and resume -> every vCPU thread out of the park.
+#   pause      pause/resume latency, 1/4/16 vCPUs, busy and idle guest   (scripts/bench-pause.sh)
+#   tsc        TscState freeze and thaw cost per vCPU, 1/8/64 vCPUs      (cargo bench -p hypervisor)
+#   snapshot   snapshot write vs plain sequential write; restore 256M-4G  (scripts/bench-snapshot.sh)
+#   migration  total time and downtime, 256 MiB / 1 GiB, idle and dirty  (scripts/bench-migration.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -e /dev/kvm ]; then
-    echo "skipped: /dev/kvm is absent"
-    exit 0
-fi
-profile="${PROFILE:-release}"
-if [ "$profile" = "release" ]; then
-    exec cargo bench -p vmm --bench pause_resume
-else
-    exec cargo bench -p vmm --bench pause_resume --profile "$profile"
-fi
+what=${1:-all}
+run() { printf '\n== bench: %s ==\n' "$1"; }
+case "$what" in
+    pause|all) run pause; scripts/bench-pause.sh ;;&
+    tsc|all)
+        run tsc
+        if [ -e /dev/kvm ]; then cargo bench -p hypervisor --bench tsc_cost; else echo "skipped: /dev/kvm is absent"; fi
+        ;;&
+    snapshot|all) run snapshot; scripts/bench-snapshot.sh ;;&
+    migration|all) run migration; scripts/bench-migration.sh ;;&
+    pause|tsc|snapshot|migration|all) ;;
+    *) echo "usage: scripts/bench.sh [pause|tsc|snapshot|migration]" >&2; exit 2 ;;
+esac

@@ -17,7 +17,7 @@
 //!   freeze, the thaw, the release (opening the park: the resume answers after it), and the park
 //!   opened to every vCPU thread out of it;
 //!
-//! and prints p50/p99 in microseconds as a table. Run with `scripts/bench.sh`.
+//! and prints p50/p99 in microseconds as a table. Run with `scripts/bench.sh pause`.
 //!
 //! The client is this program's main thread, with the scheduler's default time slice like
 //! any `ch-remote`; `HOURGLASS_BENCH_CLIENT_SLICE=1` gives it the short slice the VMM's own API
