@@ -18,7 +18,8 @@
 # NESTED_B_DELAY_S (2: B boots this long after A is ready), NESTED_SHARE_MB (256),
 # NESTED_REQUIRE=1 (fail instead of skipping where QEMU cannot be installed), NESTED_PACKAGES
 # (space-separated cargo packages to build instead of the whole workspace), NESTED_SKIP_FILTER
-# (libtest --skip filter; default `nested_xhost_` on one host, none on two), NESTED_BZIMAGE=1
+# (space-separated libtest --skip filters; default `nested_xhost_` on one host, none on two),
+# NESTED_BZIMAGE=1
 # (boot the compressed vmlinuz instead of the extracted PVH vmlinux: about 8 s slower a boot).
 set -euo pipefail
 
@@ -193,7 +194,7 @@ EOF
 while IFS=$'\t' read -r kind exe dir; do
     [ "$kind" = test ] || continue
     skip_args=()
-    [ -z "$SKIP_FILTER" ] || skip_args=(--skip "$SKIP_FILTER")
+    for f in $SKIP_FILTER; do skip_args+=(--skip "$f"); done
     if ! out=$(cd "$dir" && timeout 60 "$exe" --list "$FILTER" "${skip_args[@]}" </dev/null 2>/dev/null); then
         log "warning: $exe --list failed (not a libtest harness?); not run"
         continue
