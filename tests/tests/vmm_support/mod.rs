@@ -97,35 +97,13 @@ impl Hourglass {
     /// Start `hourglass` with `cpus` vCPUs and extra arguments; waits until the API answers
     /// vm.info (the VM is booted).
     pub fn start(tag: &str, cpus: u32, extra: &[&str]) -> Self {
-        let dir = temp_dir(tag);
-        let socket = dir.join("api.sock");
-        let serial = dir.join("serial.log");
-        let mut cmd = Command::new(binary("hourglass"));
-        cmd.arg("--cpus")
-            .arg(format!("boot={cpus}"))
-            .arg("--memory")
-            .arg("size=64M")
-            .arg("--api-socket")
-            .arg(format!("path={}", socket.display()))
-            .arg("--serial")
-            .arg(format!("file={}", serial.display()))
-            .args(extra)
-            .arg("-v")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.join("stderr.log")).expect("stderr log"),
-            ));
-        let child = cmd.spawn().expect("spawn hourglass");
-        let mut h = Hourglass {
-            child,
-            socket,
-            serial,
-            dir,
-        };
-        h.wait_until("the API answers vm.info", Duration::from_secs(20), |h| {
-            h.try_info().is_some()
-        });
-        h
+        Self::start_exe(
+            &binary("hourglass"),
+            tag,
+            cpus,
+            extra,
+            Duration::from_secs(20),
+        )
     }
 
     /// The VMM's stderr so far (for failure messages).
