@@ -164,7 +164,12 @@ fn a_guest_dirtying_memory_migrates_over_tcp_and_continues() {
     if skip("a_guest_dirtying_memory_migrates_over_tcp_and_continues") {
         return;
     }
-    let mut src = Hourglass::start("mig-dirty-src", 2, &["--dirty-mib", "16"]);
+    // The case: a guest rewriting 64 MiB in a loop (of 256 MiB) while it is copied.
+    let mut src = Hourglass::start(
+        "mig-dirty-src",
+        2,
+        &["--memory", "size=256M", "--dirty-mib", "64"],
+    );
     wait_healthy(&mut src, 2);
     let before = vcpu_samples(&src.info());
     let port = free_port();
@@ -172,11 +177,20 @@ fn a_guest_dirtying_memory_migrates_over_tcp_and_continues() {
     assert_eq!(src_info["state"], "Shutdown");
     let m = &src_info["migration"];
     assert_eq!(m["phase"], "completed", "{m}");
-    // The guest rewrote 16 MiB during the copy: more than one pass's worth of data pages.
-    assert!(m["pages_sent"].as_u64().unwrap() > (16 << 20) / 4096, "{m}");
+    // The guest rewrote 64 MiB during the copy: more than one pass's worth of data pages.
+    assert!(m["pages_sent"].as_u64().unwrap() > (64 << 20) / 4096, "{m}");
+    assert_eq!(m["ram_pages"], (256u64 << 20) / 4096, "{m}");
     println!("dirty: source progress {m}");
     check_continues(&mut dst, &before, 2);
-    assert_eq!(dst.info()["config"]["dirty_mib"], 16);
+    assert_eq!(dst.info()["config"]["dirty_mib"], 64);
+    // The destination's thaw states its error bound; here the realtime samples are KVM's
+    // atomic ones or bracketed within microseconds.
+    let bound = dst.info()["clock"]["error_bound_ns"].as_u64();
+    println!("dirty: destination clock {}", dst.info()["clock"]);
+    assert!(
+        bound.is_some_and(|b| b < 1_000_000),
+        "error bound {bound:?}"
+    );
 }
 
 fn free_port() -> u16 {

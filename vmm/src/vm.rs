@@ -875,6 +875,7 @@ impl Vm {
             "capabilities": self.caps,
             "last_freeze_duration_ns": self.stats.last_freeze_ns,
             "last_elapsed_ns": r.map(|r| r.elapsed_ns),
+            "error_bound_ns": r.map(|r| r.error_bound_ns),
             "last_report": r,
             "warnings": warnings,
             "restored_from": self.restored_from,

@@ -59,8 +59,8 @@ pub use arith::{
 };
 pub use error::TscError;
 pub use plan::{
-    capture, plan_for_actual_tsc, plan_thaw, plan_thaw_elapsed, Capture, Elapsed, HostSample,
-    HostTsc, SetClock, ThawPlan, VcpuTscReading,
+    capture, error_bound_ns, plan_for_actual_tsc, plan_thaw, plan_thaw_elapsed, Capture, Elapsed,
+    HostSample, HostTsc, SetClock, ThawPlan, VcpuTscReading,
 };
 pub use policy::{ClockPolicy, ParsePolicyError};
 pub use report::{AppliedPolicy, ClockReport};

@@ -106,6 +106,35 @@ pub struct ThawPlan {
     pub set_clock: SetClock,
     /// Things an operator should know (clock stepped back, skew fixed, ...).
     pub warnings: Vec<String>,
+    /// Largest error, ns, of `elapsed_ns` against the time the policy means to show, from what
+    /// the samples can know (see [`error_bound_ns`]).
+    pub error_bound_ns: u64,
+}
+
+/// The largest error, ns, of a thaw's elapsed time against what its policy means to show.
+///
+/// - [`Elapsed::Zero`], [`Elapsed::SameHostTsc`], [`Elapsed::ActualTsc`]: the guest TSC is
+///   computed exactly from TSC readings; what is left is the rounding of one guest cycle (and of
+///   the ns/cycle conversion of kvmclock): two guest cycles, rounded up to whole ns.
+/// - [`Elapsed::Realtime`]: the realtime/TSC bracket of each sample (0 where KVM gave
+///   `KVM_CLOCK_REALTIME | KVM_CLOCK_HOST_TSC` atomically) plus the same rounding. Not included,
+///   because no host can know it: how far the capturing host's realtime clock was from this
+///   host's (NTP disagreement when the snapshot or migration crossed hosts). That error reaches
+///   the guest one for one; the time model's definition of `wallclock` accepts it.
+pub fn error_bound_ns(
+    elapsed: Elapsed,
+    capture_bracket_ns: u64,
+    thaw_bracket_ns: u64,
+    tsc_khz: u32,
+) -> u64 {
+    // ceil(2 cycles in ns); tsc_khz is never 0 here (validated), but stay total.
+    let rounding = 2_000_000u64.div_ceil(u64::from(tsc_khz.max(1)));
+    match elapsed {
+        Elapsed::Realtime => capture_bracket_ns
+            .saturating_add(thaw_bracket_ns)
+            .saturating_add(rounding),
+        Elapsed::Zero | Elapsed::SameHostTsc | Elapsed::ActualTsc => rounding,
+    }
 }
 
 impl ThawPlan {
@@ -350,6 +379,12 @@ fn finish(
             realtime_ns: now.realtime_ns,
         },
         warnings,
+        error_bound_ns: error_bound_ns(
+            elapsed,
+            snap.source().bracket_ns,
+            now.bracket_ns,
+            snap.tsc_khz(),
+        ),
     }
 }
 

@@ -38,6 +38,13 @@ pub struct ClockReport {
     pub elapsed_ns: u64,
     /// kvmclock written, ns.
     pub kvmclock_ns: u64,
+    /// Largest error, ns, of `elapsed_ns` against what the applied policy means to show, as
+    /// far as the hosts' samples can tell ([`error_bound_ns`](super::plan::error_bound_ns)):
+    /// the samples' realtime/TSC brackets and cycle rounding. A migration or snapshot that
+    /// crossed hosts under `wallclock` is further off by however much the two hosts' realtime
+    /// clocks disagree.
+    #[serde(default)]
+    pub error_bound_ns: u64,
     /// Warnings from planning and verification.
     pub warnings: Vec<String>,
 }
@@ -71,6 +78,7 @@ impl ClockReport {
             offsets_honoured,
             elapsed_ns: plan.elapsed_ns,
             kvmclock_ns: plan.set_clock.clock_ns,
+            error_bound_ns: plan.error_bound_ns,
             warnings: plan.warnings.clone(),
         }
     }
@@ -92,6 +100,7 @@ mod tests {
             offsets_honoured: false,
             elapsed_ns: 5,
             kvmclock_ns: 9,
+            error_bound_ns: 1,
             warnings: vec!["w".into()],
         };
         let v = serde_json::to_value(&r).unwrap();

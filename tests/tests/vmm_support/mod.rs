@@ -257,11 +257,12 @@ impl Hourglass {
         let socket = dir.join("api.sock");
         let serial = dir.join("serial.log");
         let mut cmd = Command::new(exe);
-        cmd.arg("--cpus")
-            .arg(format!("boot={cpus}"))
-            .arg("--memory")
-            .arg("size=64M")
-            .arg("--api-socket")
+        cmd.arg("--cpus").arg(format!("boot={cpus}"));
+        // 64 MiB unless the test asks for its own size.
+        if !extra.contains(&"--memory") {
+            cmd.arg("--memory").arg("size=64M");
+        }
+        cmd.arg("--api-socket")
             .arg(format!("path={}", socket.display()))
             .arg("--serial")
             .arg(format!("file={}", serial.display()))
