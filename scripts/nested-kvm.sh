@@ -5,7 +5,10 @@
 #   scripts/nested-kvm.sh [FILTER]               one host; FILTER defaults to `nested_`
 #                                                (tests named `nested_xhost_` are left out)
 #   scripts/nested-kvm.sh --two-hosts [FILTER]   hosts A then B (booted later: another TSC base),
-#                                                FILTER defaults to `nested_xhost_`
+#                                                FILTER defaults to `nested_xhost_`; tests named
+#                                                `nested_xhost_live_*` run on both hosts at once
+#                                                (A 192.168.77.1 sends, B .2 receives), then A
+#                                                runs the rest, writes the share, B runs the rest
 #
 # Installs what is missing (qemu-system-x86, busybox-static, cpio, kmod) with apt-get, downloads
 # Debian's kernel package once, builds the workspace's test executables and binaries, boots the
