@@ -487,3 +487,101 @@ fn wait_gone(h: &mut Hourglass, path: &Path) {
         move |_| !p.exists(),
     );
 }
+
+/// A fake destination that takes everything up to `Complete`, then closes (with `answer_error`:
+/// after answering `Error`). Returns its socket path and the thread (true: it saw Complete).
+fn fake_destination_until_complete(
+    dir: &Path,
+    answer_error: bool,
+) -> (std::path::PathBuf, JoinHandle<bool>) {
+    let sock = dir.join(if answer_error {
+        "err.sock"
+    } else {
+        "lost.sock"
+    });
+    let listener = vmm::migration::Listener::bind(&Endpoint::Unix(sock.clone())).unwrap();
+    let fake = std::thread::spawn(move || {
+        let s = listener.accept().unwrap();
+        let mut r = FrameReader::new(s.try_clone().unwrap());
+        let mut w = FrameWriter::new(s.try_clone().unwrap());
+        while let Some(f) = r.next_frame().unwrap() {
+            match f.kind {
+                FrameKind::Start | FrameKind::Config | FrameKind::State => w.ack(f.kind).unwrap(),
+                FrameKind::Memory => {}
+                FrameKind::Complete => {
+                    if answer_error {
+                        w.reason(FrameKind::Error, "fake destination: cannot run the VM")
+                            .unwrap();
+                    }
+                    s.shutdown().unwrap();
+                    return true;
+                }
+                k => panic!("unexpected {k}"),
+            }
+        }
+        false
+    });
+    (sock, fake)
+}
+
+#[test]
+fn a_lost_answer_to_complete_leaves_the_source_paused_not_running_twice() {
+    let _x = exclusive();
+    if skip("a_lost_answer_to_complete_leaves_the_source_paused_not_running_twice") {
+        return;
+    }
+    let mut src = Hourglass::start("mig-doubt-src", 1, &[]);
+    wait_healthy(&mut src, 1);
+    let dir = temp_dir("mig-doubt");
+
+    // The destination got Complete and vanished: it may be running the guest.
+    let (sock, fake) = fake_destination_until_complete(&dir, false);
+    let (code, body) = send_async(
+        &src.socket,
+        serde_json::json!({ "destination_url": format!("unix:{}", sock.display()) }),
+    )
+    .join()
+    .unwrap();
+    assert!(
+        fake.join().unwrap(),
+        "the fake destination never saw Complete"
+    );
+    assert_eq!(code, 500, "{body}");
+    assert!(body.contains("may be running"), "{body}");
+    let info = src.info();
+    assert_eq!(
+        info["migration"]["phase"], "in_doubt",
+        "{}",
+        info["migration"]
+    );
+    assert_eq!(info["migration"]["source_resumed"], false);
+    assert_eq!(
+        info["state"], "Paused",
+        "the source must not run a second copy"
+    );
+    // The operator, having checked the destination, resumes here.
+    let (code, body) = src.api("PUT", "vm.resume", None);
+    assert_eq!(code, 204, "{body}");
+    check_source_runs(&mut src);
+
+    // The destination answered Error to Complete: it did not run the guest; the source resumes.
+    let (sock, fake) = fake_destination_until_complete(&dir, true);
+    let (code, body) = send_async(
+        &src.socket,
+        serde_json::json!({ "destination_url": format!("unix:{}", sock.display()) }),
+    )
+    .join()
+    .unwrap();
+    assert!(fake.join().unwrap());
+    assert!((400..600).contains(&code), "{code} {body}");
+    assert!(body.contains("cannot run the VM"), "{body}");
+    let info = src.info();
+    assert_eq!(
+        info["migration"]["phase"], "failed",
+        "{}",
+        info["migration"]
+    );
+    assert_eq!(info["migration"]["source_resumed"], true);
+    check_source_runs(&mut src);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -3,8 +3,10 @@
 use super::ProtocolError;
 use crate::vm::VmError;
 
-/// A failed migration. The source VM keeps running after any of these; the destination has
-/// discarded what it built.
+/// A failed migration. The source VM keeps running after any of these but [`InDoubt`]; the
+/// destination has discarded what it built.
+///
+/// [`InDoubt`]: MigrationError::InDoubt
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     /// The URL does not parse.
@@ -49,6 +51,14 @@ pub enum MigrationError {
     /// The migration ran past its `timeout_s`.
     #[error("the migration did not finish within timeout_s = {0} s")]
     Timeout(u64),
+    /// `Complete` was sent but the destination's answer never came: it may be running the VM.
+    /// The source stays paused (never two running copies); the operator decides.
+    #[error(
+        "the destination may be running the VM: `Complete` was sent but its answer never came \
+         ({0}); the source VM stays paused: check the destination, then `vm.resume` or \
+         `vm.shutdown` here"
+    )]
+    InDoubt(String),
 }
 
 impl From<crate::snapshot::SnapshotError> for MigrationError {

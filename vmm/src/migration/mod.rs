@@ -20,14 +20,18 @@
 //!   source VM shut down
 //! ```
 //!
-//! Any failure before `Ack(Complete)` leaves the source VM running (resumed if it was paused
+//! Any failure before `Complete` is sent leaves the source VM running (resumed if it was paused
 //! for the last pass); the destination discards what it built. Either side may end the
 //! conversation early: the source with `Abandon`, the destination with `Error`, each carrying
 //! the reason.
 //!
-//! Known window: if the connection breaks after the destination ran the VM but before its
-//! `Ack(Complete)` reached the source, the source resumes too (it cannot tell "not run" from
-//! "ack lost"); a third party would be needed to arbitrate, as in every two-party protocol.
+//! After `Complete` is sent the destination may run the guest at any moment. If its answer
+//! never arrives (connection broken, timeout), the source cannot tell "not run" from "answer
+//! lost", so it does not guess: it stays paused, reports the migration `in_doubt`
+//! ([`MigrationError::InDoubt`]) and leaves the choice (`vm.resume` or `vm.shutdown`) to the
+//! operator, who can look at the destination. Never two running copies of one guest; like QEMU's
+//! post-migrate state. An explicit `Error` from the destination after `Complete` proves it did
+//! not run the guest, and the source resumes.
 //!
 //! [`protocol`] is the wire format; [`receiver`] the destination's state machine, a pure
 //! function of the frames it is fed (fuzzed by `fuzz/fuzz_targets/migration_frames.rs`);

@@ -1,5 +1,7 @@
 //! The sending side: pre-copy with KVM dirty logging, then pause, last pages, state, and the
-//! destination's acknowledgement; on any failure the source VM keeps (or resumes) running.
+//! destination's acknowledgement; on any failure the source VM keeps (or resumes) running,
+//! except when the destination's answer to `Complete` is lost: then it stays paused (see the
+//! module documentation of `migration`).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -287,7 +289,8 @@ pub fn send(
         }
         Err(e) => {
             let mut resumed = false;
-            if paused_here {
+            let in_doubt = matches!(e, MigrationError::InDoubt(_));
+            if paused_here && !in_doubt {
                 let mut v = lock(vm);
                 if v.state() == RunState::Paused {
                     let policy = v.default_resume_policy();
@@ -300,7 +303,7 @@ pub fn send(
                 }
             }
             let mut p = lock(progress);
-            p.phase = "failed".into();
+            p.phase = if in_doubt { "in_doubt" } else { "failed" }.into();
             p.error = Some(e.to_string());
             p.source_resumed = resumed;
             p.total_ms = Some(ms(t0.elapsed()));
@@ -309,6 +312,8 @@ pub fn send(
                 p.destination,
                 if resumed {
                     "was resumed"
+                } else if in_doubt {
+                    "stays paused (the destination may be running it)"
                 } else if was_paused {
                     "stays paused"
                 } else {
@@ -495,10 +500,18 @@ fn conversation(
     tx.writer.flush()?;
     set_read(tx.reader.get_ref())?;
     expect_ack(&mut tx.reader, FrameKind::State)?;
-    tx.writer.send(FrameKind::Complete, &[])?;
-    tx.writer.flush()?;
-    set_read(tx.reader.get_ref())?;
-    expect_ack(&mut tx.reader, FrameKind::Complete)?;
+    // From here the destination may start the guest. Only its explicit refusal proves it did
+    // not; a lost answer leaves the source paused rather than risk two running copies.
+    let in_doubt = |e: MigrationError| match e {
+        MigrationError::Protocol(ProtocolError::Remote(_)) => e,
+        e => MigrationError::InDoubt(e.to_string()),
+    };
+    tx.writer
+        .send(FrameKind::Complete, &[])
+        .map_err(|e| in_doubt(e.into()))?;
+    tx.writer.flush().map_err(|e| in_doubt(e.into()))?;
+    set_read(tx.reader.get_ref()).map_err(in_doubt)?;
+    expect_ack(&mut tx.reader, FrameKind::Complete).map_err(|e| in_doubt(e.into()))?;
     let downtime = stop.elapsed();
     tx.update(|p| {
         p.dirty_pages_left = 0;
