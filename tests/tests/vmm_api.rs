@@ -50,6 +50,15 @@ fn refusals_have_cloud_hypervisor_status_codes() {
     let (c, body) = h.api("GET", "vmm.ping", None);
     assert_eq!(c, 200);
     assert!(body.contains("\"version\""), "{body}");
+    let ping: serde_json::Value = serde_json::from_str(&body).expect("vmm.ping JSON");
+    for f in ["kvm", "snapshot", "migration", "seccomp"] {
+        assert!(
+            ping["features"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == f)),
+            "vmm.ping does not list {f}: {body}"
+        );
+    }
     // vm.shutdown, then actions on it fail and info says Shutdown.
     assert_eq!(h.api("PUT", "vm.shutdown", None).0, 204);
     assert_eq!(h.info()["state"], "Shutdown");

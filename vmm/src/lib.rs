@@ -10,6 +10,7 @@
 pub mod api;
 pub mod config;
 pub mod migration;
+pub mod seccomp;
 pub mod signal;
 pub mod snapshot;
 pub mod vcpu;
@@ -29,6 +30,17 @@ use crate::config::{policy_from_api, VmConfig};
 use crate::snapshot::{LoadOptions, MemoryMode, Snapshot};
 use crate::vcpu::VmEvent;
 use crate::vm::{RestoreOptions, RunState, Vm, VmError};
+
+/// The `features` `vmm.ping` lists: what this VMM can do (Cloud Hypervisor lists its build
+/// features here, e.g. `kvm`).
+pub const FEATURES: &[&str] = &[
+    "kvm",
+    "clock_policy",
+    "time_probe",
+    "snapshot",
+    "migration",
+    "seccomp",
+];
 
 /// What ends the VMM process (sent to the main thread).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +111,7 @@ fn forward_vm_events(events: Sender<VmmEvent>) -> Result<Sender<VmEvent>, VmErro
     std::thread::Builder::new()
         .name("vm-events".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Signal);
             while let Ok(ev) = vm_rx.recv() {
                 if events.send(VmmEvent::Vm(ev)).is_err() {
                     break;
@@ -235,7 +248,7 @@ impl ApiHandler for Vmm {
     fn handle(&self, req: ApiRequest) -> Result<ApiResponse, ApiError> {
         match req {
             ApiRequest::VmmPing => {
-                Ok(VmmPingResponse::current(&["kvm", "clock_policy", "time_probe"]).to_response())
+                Ok(VmmPingResponse::current(FEATURES).to_response())
             }
             ApiRequest::VmmShutdown => {
                 info!("API: vmm.shutdown");
@@ -371,9 +384,7 @@ impl ApiHandler for Service {
             return v.handle(req);
         }
         match req {
-            ApiRequest::VmmPing => {
-                Ok(VmmPingResponse::current(&["kvm", "clock_policy", "time_probe"]).to_response())
-            }
+            ApiRequest::VmmPing => Ok(VmmPingResponse::current(FEATURES).to_response()),
             ApiRequest::VmmShutdown => {
                 info!("API: vmm.shutdown");
                 let _ = self.events().send(VmmEvent::ApiShutdown);

@@ -181,7 +181,10 @@ impl VcpuSet {
             let (s, vc, k) = (shared.clone(), vcpu.clone(), kicker.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(id, index, vc, k, cache, s))?;
+                .spawn(move || {
+                    crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
+                    vcpu_loop(id, index, vc, k, cache, s)
+                })?;
             handles.push(VcpuHandle {
                 id,
                 vcpu,

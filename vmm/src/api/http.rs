@@ -372,6 +372,7 @@ fn short_slice() {
 }
 
 fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
+    crate::seccomp::enter(crate::seccomp::ThreadKind::Api);
     short_slice();
     for stream in listener.incoming() {
         if shared.stop.load(Ordering::SeqCst) {
@@ -439,6 +440,7 @@ fn start_worker(shared: &Arc<Shared>) -> io::Result<()> {
 /// A connection thread: serves queued connections one after the other until the server stops
 /// or, beyond the kept threads, it has been idle for [`WORKER_IDLE`].
 fn worker_loop(shared: &Shared) {
+    crate::seccomp::enter(crate::seccomp::ThreadKind::Api);
     short_slice();
     loop {
         let stream = {

@@ -174,8 +174,11 @@ impl From<ConfigError> for ApiError {
     }
 }
 
-/// The VMM side of the API. Called on the connection's thread, possibly from several
-/// connections at once; a long operation (migration) simply blocks its own connection.
+/// The VMM side of the API. The server calls it on the connection's thread, possibly from
+/// several connections at once. The `hourglass` binary's handler only forwards each request to
+/// its control thread (so that API threads, under seccomp, need nothing but socket I/O), which
+/// runs it, or hands a migration to a thread of its own; a long operation blocks only its own
+/// connection.
 pub trait ApiHandler: Send + Sync {
     /// Performs the request and answers it.
     fn handle(&self, req: ApiRequest) -> Result<ApiResponse, ApiError>;
