@@ -469,6 +469,13 @@ fn run(cpus: u32, policy: &str) {
             "{test} failed; the guest's serial output ended with:\n{}",
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
+        // The VMM's own log: why it stopped, if it did.
+        let stderr = h.stderr();
+        let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
+        println!(
+            "{test}: the VMM's stderr ended with:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
         // And what the VMM still says about each vCPU (which one stopped reporting, if any).
         if let Some(info) = h.try_info() {
             let per_vcpu: Vec<String> = info["time_probe"]["vcpus"]

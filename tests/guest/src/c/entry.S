@@ -127,6 +127,31 @@ long_entry:
 guest_isr:
 	iretq
 
+	/* CPU exceptions (vectors 0..31): a 16-byte stub each, at exc_stubs + 16 * vector, that
+	 * pushes a dummy error code where the CPU pushes none, then the vector, and calls
+	 * guest_exception (main.c) with the frame: vector, error, rip, cs, rflags, rsp, ss. It
+	 * prints what happened on the serial port and halts this vCPU: a guest fault is reported,
+	 * not turned into a triple fault that looks like a shutdown. */
+	.balign 16
+	.globl exc_stubs
+exc_stubs:
+	.irp v,0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+	.balign 16
+	.if (\v == 8) || ((\v >= 10) && (\v <= 14)) || (\v == 17) || (\v == 21) || (\v == 29) || (\v == 30)
+	.else
+	pushq $0
+	.endif
+	pushq $\v
+	jmp exc_common
+	.endr
+exc_common:
+	movq %rsp, %rdi
+	andq $-16, %rsp
+	call guest_exception
+4:	cli
+	hlt
+	jmp 4b
+
 	.globl idle_halt
 idle_halt:
 	sti

@@ -71,6 +71,7 @@ struct idt_gate {
 } __attribute__((packed));
 static struct idt_gate idt[256] __attribute__((aligned(16)));
 extern void guest_isr(void);
+extern char exc_stubs[];
 extern void idle_halt(void);
 
 void *memset(void *d, int c, unsigned long n)
@@ -188,6 +189,27 @@ static void lock_serial(void)
 		cpu_relax();
 }
 static void unlock_serial(void) { __atomic_store_n(&serial_lock, 0, __ATOMIC_RELEASE); }
+
+/* Called by the exception stubs (entry.S) with the frame: vector, error code, rip, cs, rflags,
+ * rsp, ss. Prints it without taking the serial lock (the fault may have come while holding it)
+ * and halts this vCPU for good. */
+void guest_exception(const u64 *f) __attribute__((noreturn));
+void guest_exception(const u64 *f)
+{
+	puts_("hourglass-guest: EXCEPTION vector=");
+	put_u64(f[0]);
+	puts_(" error=");
+	put_hex(f[1]);
+	puts_(" rip=");
+	put_hex(f[2]);
+	puts_(" rsp=");
+	put_hex(f[5]);
+	puts_(" rflags=");
+	put_hex(f[4]);
+	puts_("\n");
+	for (;;)
+		__asm__ volatile("cli; hlt");
+}
 
 /* ---- per-vCPU sampling ---- */
 struct sampler {
@@ -322,8 +344,10 @@ static void set_tsc_adjust(struct sampler *s, u64 value)
 /* ---- idle mode ---- */
 static void idt_build(void)
 {
-	u64 isr = (u64)(unsigned long)guest_isr;
-	for (int v = 32; v < 256; v++) {
+	for (int v = 0; v < 256; v++) {
+		/* Exceptions to their stubs (entry.S), every other vector to guest_isr. */
+		u64 isr = v < 32 ? (u64)(unsigned long)(exc_stubs + 16 * v)
+				 : (u64)(unsigned long)guest_isr;
 		idt[v].off0 = (u16)isr;
 		idt[v].sel = 0x08;
 		idt[v].ist = 0;
