@@ -101,6 +101,8 @@ struct Sender<'a> {
     memory: Arc<GuestMemoryMmap>,
     progress: &'a SharedProgress,
     buf: Vec<u8>,
+    /// The VM, to notice a shutdown (SIGTERM, vm.shutdown) between chunks of a pass.
+    vm: &'a Mutex<Vm>,
 }
 
 impl Sender<'_> {
@@ -130,11 +132,23 @@ impl Sender<'_> {
         Ok(())
     }
 
+    /// Fails once the VM has been shut down, so that a pass over a large guest is not finished
+    /// for nothing. Never waits for the VM lock: whoever holds it is not shutting the VM down.
+    fn check_alive(&self) -> Result<(), MigrationError> {
+        match self.vm.try_lock() {
+            Ok(v) if v.state() == RunState::Shutdown => Err(MigrationError::InvalidState(
+                "the VM was shut down during the migration".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn send_all(&mut self, slots: &[Slot]) -> Result<(), MigrationError> {
         for s in slots {
             let pages = (s.len / PAGE_SIZE) as usize;
             let mut at = 0;
             while at < pages {
+                self.check_alive()?;
                 let n = (pages - at).min(4096);
                 self.send_range(s.gpa + at as u64 * PAGE_SIZE, n)?;
                 at += n;
@@ -147,6 +161,7 @@ impl Sender<'_> {
 
     /// Send the pages set in each slot's bitmap.
     fn send_dirty(&mut self, slots: &[Slot], maps: &[Vec<u64>]) -> Result<(), MigrationError> {
+        let mut since_check = 0;
         for (s, map) in slots.iter().zip(maps) {
             let pages = (s.len / PAGE_SIZE) as usize;
             let mut p = 0;
@@ -160,6 +175,11 @@ impl Sender<'_> {
                     p += 1;
                 }
                 self.send_range(s.gpa + start as u64 * PAGE_SIZE, p - start)?;
+                since_check += p - start;
+                if since_check >= 4096 {
+                    self.check_alive()?;
+                    since_check = 0;
+                }
             }
         }
         self.builder.flush(&mut self.writer)?;
@@ -365,6 +385,7 @@ fn run(
         memory,
         progress,
         buf: Vec::new(),
+        vm,
     };
     let res = conversation(
         vm,
