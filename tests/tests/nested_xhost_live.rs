@@ -18,10 +18,10 @@
 //! here over the link) is taken out. After the killed transfer: A's guest runs on, unharmed.
 
 mod vmm_support;
+mod xhost_support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -29,21 +29,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use vmm_support::*;
+use xhost_support::*;
 
 /// B's control service port.
 const SERVICE: u16 = 7000;
 /// Migration ports: `MIGRATION + case`.
 const MIGRATION: u16 = 7100;
-/// Emulated hosts are slow: stretch every wait this much.
-const SLOW: u32 = 8;
-/// Slack on host-TSC brackets, µs (QEMU computes the TSC per emulated CPU).
-const BRACKET_SLACK_US: u64 = 100;
-
-fn host_tsc() -> u64 {
-    // SAFETY: RDTSC has no memory effects; every x86_64 CPU has it.
-    unsafe { core::arch::x86_64::_rdtsc() }
-}
-
 fn realtime_ns() -> i128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -51,82 +42,7 @@ fn realtime_ns() -> i128 {
         .as_nanos() as i128
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    seq: u64,
-    tsc: u64,
-    tsc_adjust: u64,
-}
-
-fn vcpus(info: &Value) -> Vec<Sample> {
-    info["time_probe"]["vcpus"]
-        .as_array()
-        .unwrap_or_else(|| panic!("time_probe.vcpus missing in {info}"))
-        .iter()
-        .map(|v| {
-            let f = |k: &str| {
-                v[k].as_u64()
-                    .unwrap_or_else(|| panic!("{k} missing in {v}"))
-            };
-            Sample {
-                seq: f("seq"),
-                tsc: f("last_tsc"),
-                tsc_adjust: f("last_tsc_adjust"),
-            }
-        })
-        .collect()
-}
-
-fn try_api(h: &Hourglass, method: &str, path: &str, body: Option<&str>) -> Option<(u16, String)> {
-    vmm::api::client::api_request(&h.socket, method, path, body).ok()
-}
-
-/// Wait until every vCPU has reported twice since `before` (the second report's sample was taken
-/// after the first was delivered).
-fn wait_progress(h: &mut Hourglass, before: &[Sample], what: &str) {
-    let before: Vec<u64> = before.iter().map(|s| s.seq).collect();
-    h.wait_until(what, Duration::from_secs(10) * SLOW, move |h| {
-        let now = vcpus(&h.info());
-        now.len() == before.len() && now.iter().zip(&before).all(|(a, b)| a.seq >= b + 2)
-    });
-}
-
-fn assert_clean(info: &Value, when: &str) {
-    for f in ["tsc_backwards", "cross_vcpu", "kvmclock_mismatch"] {
-        assert_eq!(totals(info, f), 0, "{f} {when}: {}", info["time_probe"]);
-    }
-}
-
 // ---- host B ------------------------------------------------------------------------------------
-
-/// An `hourglass` with only an API socket, from the prebuilt binary.
-fn serve(tag: &str) -> Hourglass {
-    let dir = temp_dir(tag);
-    let socket = dir.join("api.sock");
-    let serial = dir.join("serial.log");
-    let child = Command::new(prebuilt_or_built("hourglass"))
-        .arg("--api-socket")
-        .arg(format!("path={}", socket.display()))
-        .arg("--serial")
-        .arg(format!("file={}", serial.display()))
-        .arg("-v")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(dir.join("stderr.log")).expect("stderr log"),
-        ))
-        .spawn()
-        .expect("spawn hourglass");
-    let mut h = Hourglass {
-        child,
-        socket,
-        serial,
-        dir,
-    };
-    h.wait_until("vmm.ping", Duration::from_secs(20) * SLOW, |h| {
-        matches!(try_api(h, "GET", "vmm.ping", None), Some((200, _)))
-    });
-    h
-}
 
 /// Whether /proc/net/tcp has a socket on local `port` in `state` (0A listen, 01 established).
 fn tcp_state(port: u16, state: &str) -> bool {
@@ -345,11 +261,20 @@ fn send(h: &Hourglass, peer: &str, case: u16) -> (u16, String) {
 
 fn migrate_and_check(peer: &str, case: u16, dirty_mib: u32, (d, unc): (i128, i128)) {
     let what = if dirty_mib > 0 { "dirtying" } else { "idle" };
-    let src = boot(&format!("xl-{what}"), dirty_mib);
-    assert_eq!(ask(peer, &format!("prepare {case}")), "ready");
-    let before = vcpus(&src.info());
-    let t = Instant::now();
-    let (code, body) = send(&src, peer, case);
+    let mut attempt = 0;
+    let (src, before, t, code, body) = loop {
+        let case = case + 10 * attempt;
+        let src = boot(&format!("xl-{what}"), dirty_mib);
+        assert_eq!(ask(peer, &format!("prepare {case}")), "ready");
+        let before = vcpus(&src.info());
+        let t = Instant::now();
+        let (code, body) = send(&src, peer, case);
+        if code != 204 && attempt == 0 && emulator_shutdown(&src) {
+            attempt += 1;
+            continue;
+        }
+        break (src, before, t, code, body);
+    };
     assert_eq!(
         code,
         204,
@@ -410,10 +335,36 @@ fn migrate_and_check(peer: &str, case: u16, dirty_mib: u32, (d, unc): (i128, i12
     }
 }
 
+/// Whether the source's VM was stopped by a guest shutdown that the guest did not cause: KVM
+/// inside the emulated host reports `KVM_EXIT_SHUTDOWN` (a triple fault) although the test
+/// guest's exception handlers, which print any CPU exception, never ran. Seen about once in five
+/// long runs on QEMU TCG's nested SVM (README, "Measured time errors"), never on this machine's
+/// KVM. Such a run says nothing about migration: the case is run once more, and only once.
+fn emulator_shutdown(src: &Hourglass) -> bool {
+    let spurious =
+        src.stderr().contains("guest shutdown") && !src.serial_text().contains("EXCEPTION");
+    if spurious {
+        println!(
+            "note: the emulated host shut the source guest down without a guest exception; \
+             running this case once more"
+        );
+    }
+    spurious
+}
+
 fn killed_destination(peer: &str, case: u16) {
-    let mut src = boot("xl-kill", 4);
-    assert_eq!(ask(peer, &format!("prepare-kill {case}")), "ready");
-    let (code, body) = send(&src, peer, case);
+    let mut attempt = 0;
+    let (mut src, code, body) = loop {
+        let case = case + 10 * attempt;
+        let src = boot("xl-kill", 4);
+        assert_eq!(ask(peer, &format!("prepare-kill {case}")), "ready");
+        let (code, body) = send(&src, peer, case);
+        if attempt == 0 && emulator_shutdown(&src) {
+            attempt += 1;
+            continue;
+        }
+        break (src, code, body);
+    };
     let k: Value = serde_json::from_str(&ask(peer, "killed")).expect("B's killed reply");
     assert_eq!(k["killed"], true, "B did not kill its receiver: {k}");
     assert_ne!(

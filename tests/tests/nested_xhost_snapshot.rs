@@ -18,58 +18,19 @@
 //! Outside the two-host run it prints why it is skipped.
 
 mod vmm_support;
+mod xhost_support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use vmm_support::*;
+use xhost_support::*;
 
 /// What host A leaves for host B beside the snapshot.
 const HANDOFF: &str = "xhost-snapshot.json";
 /// The snapshot directory inside the share.
 const SNAP: &str = "xhost-snap";
-/// Emulated hosts are slow: stretch every wait this much.
-const SLOW: u32 = 8;
-/// Slack on host-TSC brackets, µs: QEMU computes the TSC per emulated CPU, so two of them read
-/// the real host's TSC at slightly different moments (as in nested_vmm).
-const BRACKET_SLACK_US: u64 = 100;
-
-fn host_tsc() -> u64 {
-    // SAFETY: RDTSC has no memory effects; every x86_64 CPU has it.
-    unsafe { core::arch::x86_64::_rdtsc() }
-}
-
-fn sdiff(a: u64, b: u64) -> i64 {
-    a.wrapping_sub(b) as i64
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    seq: u64,
-    tsc: u64,
-    tsc_adjust: u64,
-}
-
-fn vcpus(info: &Value) -> Vec<Sample> {
-    info["time_probe"]["vcpus"]
-        .as_array()
-        .unwrap_or_else(|| panic!("time_probe.vcpus missing in {info}"))
-        .iter()
-        .map(|v| {
-            let f = |k: &str| {
-                v[k].as_u64()
-                    .unwrap_or_else(|| panic!("{k} missing in {v}"))
-            };
-            Sample {
-                seq: f("seq"),
-                tsc: f("last_tsc"),
-                tsc_adjust: f("last_tsc_adjust"),
-            }
-        })
-        .collect()
-}
 
 fn to_json(s: &[Sample]) -> Value {
     s.iter()
@@ -97,59 +58,6 @@ fn from_json(v: &Value) -> Vec<Sample> {
 fn put(h: &Hourglass, path: &str, body: Option<&str>) {
     let (code, text) = h.api("PUT", path, body);
     assert_eq!(code, 204, "{path}: {text}\n{}", h.stderr());
-}
-
-fn wait_progress(h: &mut Hourglass, before: &[Sample], what: &str) {
-    // Two reports: the first after a resume may carry a sample taken before the pause.
-    let before: Vec<u64> = before.iter().map(|s| s.seq).collect();
-    h.wait_until(what, Duration::from_secs(10) * SLOW, move |h| {
-        let now = vcpus(&h.info());
-        now.len() == before.len() && now.iter().zip(&before).all(|(a, b)| a.seq >= b + 2)
-    });
-}
-
-fn assert_clean(info: &Value, when: &str) {
-    for f in ["tsc_backwards", "cross_vcpu", "kvmclock_mismatch"] {
-        assert_eq!(totals(info, f), 0, "{f} {when}: {}", info["time_probe"]);
-    }
-}
-
-fn vm_offset(info: &Value) -> u64 {
-    info["clock"]["vm_offset"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no vm_offset: {}", info["clock"]))
-}
-
-/// An `hourglass` with only an API socket (waits for vm.restore), from the prebuilt binary.
-fn serve(tag: &str) -> Hourglass {
-    let dir = temp_dir(tag);
-    let socket = dir.join("api.sock");
-    let serial = dir.join("serial.log");
-    let child = Command::new(prebuilt_or_built("hourglass"))
-        .arg("--api-socket")
-        .arg(format!("path={}", socket.display()))
-        .arg("--serial")
-        .arg(format!("file={}", serial.display()))
-        .arg("-v")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(dir.join("stderr.log")).expect("stderr log"),
-        ))
-        .spawn()
-        .expect("spawn hourglass");
-    let mut h = Hourglass {
-        child,
-        socket,
-        serial,
-        dir,
-    };
-    h.wait_until("vmm.ping", Duration::from_secs(20) * SLOW, |h| {
-        matches!(
-            vmm::api::client::api_request(&h.socket, "GET", "vmm.ping", None),
-            Ok((200, _))
-        )
-    });
-    h
 }
 
 /// What A saw at the pause that preceded the snapshot.
