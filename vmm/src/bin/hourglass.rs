@@ -284,6 +284,11 @@ fn run(cli: Cli) -> Result<()> {
         info!("API on {}", s.path().display());
     }
 
+    // This thread runs pause and resume: ask for a short slice, as the API threads do, so that
+    // a request handed over is not left waiting behind busy vCPU threads.
+    if let Err(e) = vmm::vcpu::request_short_slice(vmm::vcpu::CONTROL_SLICE) {
+        log::debug!("control thread keeps the default time slice: {e}");
+    }
     let code = loop {
         match control_rx.recv() {
             Ok(Control::Api(req, reply)) => dispatch(&service, req, reply),
