@@ -33,7 +33,10 @@ if [ -x scripts/nested-kvm.sh ] && [ "${SKIP_NESTED:-0}" != 1 ]; then
     # whole QEMU TCG machine hung (README, "Measured time errors"). Open in issue 9.
     NESTED_SKIP_FILTER="nested_xhost_ nested_vmm_" scripts/nested-kvm.sh
     step "nested kvm_amd, two hosts (different TSC bases)"
-    scripts/nested-kvm.sh --two-hosts
+    # The live migration A -> B (nested_xhost_live_*) runs on request
+    # (`scripts/nested-kvm.sh --two-hosts`): its guests run long enough for the emulated host's
+    # spurious guest shutdowns above to hit about one run in four, on either host.
+    NESTED_SKIP_FILTER="nested_xhost_live_" scripts/nested-kvm.sh --two-hosts
 fi
 
 if [ -x scripts/fuzz.sh ] && [ "${SKIP_FUZZ:-0}" != 1 ]; then
