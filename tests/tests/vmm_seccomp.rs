@@ -13,7 +13,7 @@ mod vmm_support;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,9 +29,6 @@ const SYSINFO: i64 = libc::SYS_sysinfo;
 /// Start `hourglass` with `--seccomp mode` (none: the default), the test hook set to
 /// `selftest` (or cleared), and a 2-vCPU test guest when `boot`; waits for nothing.
 fn spawn_with(tag: &str, mode: Option<&str>, selftest: Option<&str>, boot: bool) -> Hourglass {
-    let dir = temp_dir(tag);
-    let socket = dir.join("api.sock");
-    let serial = dir.join("serial.log");
     let mut cmd = Command::new(binary("hourglass"));
     if let Some(m) = mode {
         cmd.arg("--seccomp").arg(m);
@@ -43,35 +40,13 @@ fn spawn_with(tag: &str, mode: Option<&str>, selftest: Option<&str>, boot: bool)
         Some(k) => cmd.env("HOURGLASS_SECCOMP_SELFTEST", k),
         None => cmd.env_remove("HOURGLASS_SECCOMP_SELFTEST"),
     };
-    let child = cmd
-        .arg("--api-socket")
-        .arg(format!("path={}", socket.display()))
-        .arg("--serial")
-        .arg(format!("file={}", serial.display()))
-        .arg("-v")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(dir.join("stderr.log")).expect("stderr log"),
-        ))
-        .spawn()
-        .expect("spawn hourglass");
-    Hourglass {
-        child,
-        socket,
-        serial,
-        dir,
-    }
+    Hourglass::spawn_cmd(cmd, tag)
 }
 
 /// [`spawn_with`] without a VM, waiting until the API answers `vmm.ping`.
 fn serving(tag: &str, mode: &str, selftest: Option<&str>) -> Hourglass {
     let mut h = spawn_with(tag, Some(mode), selftest, false);
-    h.wait_until("the API answers vmm.ping", Duration::from_secs(20), |h| {
-        matches!(
-            vmm::api::client::api_request(&h.socket, "GET", "vmm.ping", None),
-            Ok((200, _))
-        )
-    });
+    h.wait_serving(Duration::from_secs(20));
     h
 }
 

@@ -5,7 +5,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -21,39 +21,15 @@ pub fn url(dir: &Path) -> String {
 /// Start `hourglass` with `args` (plus an API socket, a serial file and `-v`), without
 /// waiting for anything.
 pub fn spawn(tag: &str, args: &[String]) -> Hourglass {
-    let dir = temp_dir(tag);
-    let socket = dir.join("api.sock");
-    let serial = dir.join("serial.log");
-    let child = Command::new(binary("hourglass"))
-        .args(args)
-        .arg("--api-socket")
-        .arg(format!("path={}", socket.display()))
-        .arg("--serial")
-        .arg(format!("file={}", serial.display()))
-        .arg("-v")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(dir.join("stderr.log")).expect("stderr log"),
-        ))
-        .spawn()
-        .expect("spawn hourglass");
-    Hourglass {
-        child,
-        socket,
-        serial,
-        dir,
-    }
+    let mut cmd = Command::new(binary("hourglass"));
+    cmd.args(args);
+    Hourglass::spawn_cmd(cmd, tag)
 }
 
 /// Start `hourglass` and wait until its API answers `vmm.ping` (there may be no VM).
 pub fn start_serving(tag: &str, args: &[String]) -> Hourglass {
     let mut h = spawn(tag, args);
-    h.wait_until("the API answers vmm.ping", Duration::from_secs(20), |h| {
-        matches!(
-            vmm::api::client::api_request(&h.socket, "GET", "vmm.ping", None),
-            Ok((200, _))
-        )
-    });
+    h.wait_serving(Duration::from_secs(20));
     h
 }
 

@@ -255,36 +255,54 @@ impl Hourglass {
         extra: &[&str],
         boot_timeout: Duration,
     ) -> Self {
-        let dir = temp_dir(tag);
-        let socket = dir.join("api.sock");
-        let serial = dir.join("serial.log");
         let mut cmd = Command::new(exe);
         cmd.arg("--cpus").arg(format!("boot={cpus}"));
         // 64 MiB unless the test asks for its own size.
         if !extra.contains(&"--memory") {
             cmd.arg("--memory").arg("size=64M");
         }
-        cmd.arg("--api-socket")
-            .arg(format!("path={}", socket.display()))
-            .arg("--serial")
-            .arg(format!("file={}", serial.display()))
-            .args(extra)
-            .arg("-v")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.join("stderr.log")).expect("stderr log"),
-            ));
-        let child = cmd.spawn().expect("spawn hourglass");
-        let mut h = Hourglass {
-            child,
-            socket,
-            serial,
-            dir,
-        };
+        cmd.args(extra);
+        let mut h = Self::spawn_cmd(cmd, tag);
         h.wait_until("the API answers vm.info", boot_timeout, |h| {
             h.try_info().is_some()
         });
         h
+    }
+
+    /// Spawn `cmd` (an `hourglass` with its own arguments) with an API socket, a serial file and
+    /// `-v` in a fresh temporary directory named after `tag`; waits for nothing.
+    pub fn spawn_cmd(mut cmd: Command, tag: &str) -> Self {
+        let dir = temp_dir(tag);
+        let socket = dir.join("api.sock");
+        let serial = dir.join("serial.log");
+        let child = cmd
+            .arg("--api-socket")
+            .arg(format!("path={}", socket.display()))
+            .arg("--serial")
+            .arg(format!("file={}", serial.display()))
+            .arg("-v")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("stderr.log")).expect("stderr log"),
+            ))
+            .spawn()
+            .expect("spawn hourglass");
+        Hourglass {
+            child,
+            socket,
+            serial,
+            dir,
+        }
+    }
+
+    /// Wait until the API answers `vmm.ping` (there may be no VM).
+    pub fn wait_serving(&mut self, timeout: Duration) {
+        self.wait_until("the API answers vmm.ping", timeout, |h| {
+            matches!(
+                vmm::api::client::api_request(&h.socket, "GET", "vmm.ping", None),
+                Ok((200, _))
+            )
+        });
     }
 
     /// [`Hourglass::start`] that also works inside the nested host (see [`prebuilt_or_built`]),

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -83,32 +83,7 @@ pub fn vm_offset(info: &Value) -> u64 {
 /// An `hourglass` with only an API socket (waits for vm.restore or a migration), from the
 /// prebuilt binary.
 pub fn serve(tag: &str) -> Hourglass {
-    let dir = temp_dir(tag);
-    let socket = dir.join("api.sock");
-    let serial = dir.join("serial.log");
-    let child = Command::new(prebuilt_or_built("hourglass"))
-        .arg("--api-socket")
-        .arg(format!("path={}", socket.display()))
-        .arg("--serial")
-        .arg(format!("file={}", serial.display()))
-        .arg("-v")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(dir.join("stderr.log")).expect("stderr log"),
-        ))
-        .spawn()
-        .expect("spawn hourglass");
-    let mut h = Hourglass {
-        child,
-        socket,
-        serial,
-        dir,
-    };
-    h.wait_until("vmm.ping", Duration::from_secs(20) * SLOW, |h| {
-        matches!(
-            vmm::api::client::api_request(&h.socket, "GET", "vmm.ping", None),
-            Ok((200, _))
-        )
-    });
+    let mut h = Hourglass::spawn_cmd(Command::new(prebuilt_or_built("hourglass")), tag);
+    h.wait_serving(Duration::from_secs(20) * SLOW);
     h
 }
