@@ -47,6 +47,7 @@
 
 pub mod arith;
 pub mod error;
+pub mod origin;
 pub mod plan;
 pub mod policy;
 pub mod report;
@@ -58,6 +59,7 @@ pub use arith::{
     tsc_ratio, PvclockScale, RatioChoice, RatioOutcome, TSC_TOLERANCE_PPM,
 };
 pub use error::TscError;
+pub use origin::ThawOrigin;
 pub use plan::{
     capture, error_bound_ns, plan_for_actual_tsc, plan_thaw, plan_thaw_elapsed, Capture, Elapsed,
     HostSample, HostTsc, SetClock, ThawPlan, VcpuTscReading,

@@ -17,6 +17,17 @@ pub enum AppliedPolicy {
     HostTsc,
 }
 
+impl AppliedPolicy {
+    /// The name, as serialized.
+    pub const fn name(self) -> &'static str {
+        match self {
+            AppliedPolicy::Wallclock => "wallclock",
+            AppliedPolicy::Frozen => "frozen",
+            AppliedPolicy::HostTsc => "host_tsc",
+        }
+    }
+}
+
 /// The clock section of `vm.info`: requested vs applied policy and the numbers behind it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClockReport {
