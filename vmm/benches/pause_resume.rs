@@ -74,7 +74,7 @@ fn stats(vmm: &Vmm) -> serde_json::Value {
 
 fn bench(vcpus: u32, idle_us: u32, cycles: usize, dir: &Path) -> Series {
     let hv = hypervisor::new().expect("open /dev/kvm");
-    let (tx, _rx) = mpsc::channel();
+    let (tx, _rx) = mpsc::channel::<vmm::VmmEvent>();
     let config = VmConfig {
         cpus: CpusConfig {
             boot_vcpus: vcpus,

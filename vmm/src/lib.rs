@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod config;
+pub mod control;
 pub mod migration;
 pub mod seccomp;
 pub mod signal;
@@ -29,7 +30,7 @@ use crate::api::{
 use crate::config::{policy_from_api, VmConfig};
 use crate::snapshot::{LoadOptions, MemoryMode, Snapshot};
 use crate::vcpu::VmEvent;
-use crate::vm::{RestoreOptions, RunState, Vm, VmError};
+use crate::vm::{RestoreOptions, RestoredFrom, RunState, Vm, VmError};
 
 /// The `features` `vmm.ping` lists: what this VMM can do (Cloud Hypervisor lists its build
 /// features here, e.g. `kvm`).
@@ -53,10 +54,44 @@ pub enum VmmEvent {
     Vm(VmEvent),
 }
 
+/// Where the VMM library reports a [`VmmEvent`]: a plain channel of events (an embedder's), or
+/// the control loop's channel ([`control::Controller::events`]), which takes them without a
+/// forwarding thread.
+#[derive(Clone, Debug)]
+pub struct EventSender(EventSink);
+
+#[derive(Clone, Debug)]
+enum EventSink {
+    Events(Sender<VmmEvent>),
+    Control(Sender<control::Control>),
+}
+
+impl EventSender {
+    /// Report `ev`; false when nobody listens any more.
+    pub fn send(&self, ev: VmmEvent) -> bool {
+        match &self.0 {
+            EventSink::Events(tx) => tx.send(ev).is_ok(),
+            EventSink::Control(tx) => tx.send(control::Control::Event(ev)).is_ok(),
+        }
+    }
+}
+
+impl From<Sender<VmmEvent>> for EventSender {
+    fn from(tx: Sender<VmmEvent>) -> Self {
+        Self(EventSink::Events(tx))
+    }
+}
+
+impl From<Sender<control::Control>> for EventSender {
+    fn from(tx: Sender<control::Control>) -> Self {
+        Self(EventSink::Control(tx))
+    }
+}
+
 /// The VMM: one VM and the API's view of it.
 pub struct Vmm {
     vm: Mutex<Vm>,
-    events: Mutex<Sender<VmmEvent>>,
+    events: EventSender,
     /// The latest outgoing migration's progress (`vm.info`'s `migration`).
     migration: migration::SharedProgress,
     /// An outgoing migration is running.
@@ -106,14 +141,16 @@ pub fn memory_mode_from_api(m: MemoryRestoreMode) -> MemoryMode {
     }
 }
 
-fn forward_vm_events(events: Sender<VmmEvent>) -> Result<Sender<VmEvent>, VmError> {
+/// The VM's own events, passed on as [`VmmEvent::Vm`] (the one forwarding thread: vCPU threads
+/// report on a channel of their own).
+fn forward_vm_events(events: EventSender) -> Result<Sender<VmEvent>, VmError> {
     let (vm_tx, vm_rx) = std::sync::mpsc::channel::<VmEvent>();
     std::thread::Builder::new()
         .name("vm-events".into())
         .spawn(move || {
             crate::seccomp::enter(crate::seccomp::ThreadKind::Signal);
             while let Ok(ev) = vm_rx.recv() {
-                if events.send(VmmEvent::Vm(ev)).is_err() {
+                if !events.send(VmmEvent::Vm(ev)) {
                     break;
                 }
             }
@@ -128,8 +165,9 @@ impl Vmm {
     pub fn boot(
         hv: Arc<dyn Hypervisor>,
         config: VmConfig,
-        events: Sender<VmmEvent>,
+        events: impl Into<EventSender>,
     ) -> Result<Self, VmError> {
+        let events = events.into();
         let vm_tx = forward_vm_events(events.clone())?;
         let vm = Vm::boot(hv, config, vm_tx)?;
         Ok(Self::from_vm(vm, events))
@@ -144,8 +182,9 @@ impl Vmm {
         hv: Arc<dyn Hypervisor>,
         cfg: &RestoreConfig,
         serial: Option<devices::SerialOutput>,
-        events: Sender<VmmEvent>,
+        events: impl Into<EventSender>,
     ) -> Result<Self, VmError> {
+        let events = events.into();
         let dir = cfg.source_dir();
         let snap = Snapshot::read(&dir)?;
         let opts = RestoreOptions {
@@ -160,8 +199,7 @@ impl Vmm {
         let vm_tx = forward_vm_events(events.clone())?;
         let mut vm = Vm::restore(hv, &snap, &opts, vm_tx)?;
         if cfg.resume {
-            let policy = vm.default_resume_policy();
-            vm.resume(policy)?;
+            vm.resume(None)?;
         }
         info!(
             "restored from {} ({})",
@@ -172,10 +210,10 @@ impl Vmm {
     }
 
     /// A VMM around a VM built elsewhere (a received migration).
-    pub fn from_vm(vm: Vm, events: Sender<VmmEvent>) -> Self {
+    pub fn from_vm(vm: Vm, events: impl Into<EventSender>) -> Self {
         Self {
             vm: Mutex::new(vm),
-            events: Mutex::new(events),
+            events: events.into(),
             migration: Default::default(),
             migrating: Default::default(),
         }
@@ -239,8 +277,7 @@ impl Vmm {
     }
 
     fn send(&self, ev: VmmEvent) {
-        let tx = self.events.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = tx.send(ev);
+        self.events.send(ev);
     }
 }
 
@@ -264,11 +301,7 @@ impl ApiHandler for Vmm {
             }
             ApiRequest::VmResume(cfg) => {
                 let mut vm = self.vm();
-                let policy = cfg
-                    .clock_policy
-                    .map(policy_from_api)
-                    .unwrap_or(vm.default_resume_policy());
-                vm.resume(policy)
+                vm.resume(cfg.clock_policy.map(policy_from_api))
                     .map(|_| ApiResponse::Empty)
                     .map_err(|e| chain(500, "The VM could not be resumed", &e))
             }
@@ -315,7 +348,7 @@ impl ApiHandler for Vmm {
 /// `vmm.shutdown` and `vm.restore`.
 pub struct Service {
     hv: Arc<dyn Hypervisor>,
-    events: Mutex<Sender<VmmEvent>>,
+    events: EventSender,
     vmm: OnceLock<Arc<Vmm>>,
     /// Serialises restores (one VM per process).
     creating: Mutex<()>,
@@ -336,12 +369,12 @@ impl Service {
     /// its serial output to `serial` when given.
     pub fn new(
         hv: Arc<dyn Hypervisor>,
-        events: Sender<VmmEvent>,
+        events: impl Into<EventSender>,
         serial: Option<devices::SerialOutput>,
     ) -> Self {
         Self {
             hv,
-            events: Mutex::new(events),
+            events: events.into(),
             vmm: OnceLock::new(),
             creating: Mutex::new(()),
             serial,
@@ -370,11 +403,8 @@ impl Service {
         self.vmm.get().cloned()
     }
 
-    fn events(&self) -> Sender<VmmEvent> {
-        self.events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    fn events(&self) -> EventSender {
+        self.events.clone()
     }
 }
 
@@ -387,7 +417,7 @@ impl ApiHandler for Service {
             ApiRequest::VmmPing => Ok(VmmPingResponse::current(FEATURES).to_response()),
             ApiRequest::VmmShutdown => {
                 info!("API: vmm.shutdown");
-                let _ = self.events().send(VmmEvent::ApiShutdown);
+                self.events.send(VmmEvent::ApiShutdown);
                 Ok(ApiResponse::Empty)
             }
             ApiRequest::VmRestore(cfg) => {
@@ -426,13 +456,13 @@ impl ApiHandler for Service {
                 let (mut vm, report) =
                     migration::receive_vm(&ep, self.hv.clone(), self.serial.clone(), vm_tx, policy)
                         .map_err(|e| ApiError::from_error(e.status(), what, &e))?;
-                vm.set_restored_from(serde_json::json!({
-                    "migration": ep.to_string(),
-                    "bytes": report.bytes,
-                    "data_pages": report.data_pages,
-                    "zero_pages": report.zero_pages,
-                    "total_ns": u64::try_from(report.total.as_nanos()).unwrap_or(u64::MAX),
-                }));
+                vm.set_restored_from(RestoredFrom::Migration {
+                    migration: ep.to_string(),
+                    bytes: report.bytes,
+                    data_pages: report.data_pages,
+                    zero_pages: report.zero_pages,
+                    total_ns: u64::try_from(report.total.as_nanos()).unwrap_or(u64::MAX),
+                });
                 self.set(Arc::new(Vmm::from_vm(vm, self.events())));
                 Ok(ApiResponse::Empty)
             }

@@ -72,7 +72,7 @@ fn idle_guest_halts_keeps_sampling_and_survives_pause_resume() {
     }
     vmm::signal::install_vcpu_kick_handler().expect("vCPU kick signal");
     let hv = hypervisor::new().expect("open /dev/kvm");
-    let (tx, _rx) = mpsc::channel();
+    let (tx, _rx) = mpsc::channel::<vmm::VmmEvent>();
     let config = VmConfig {
         cpus: CpusConfig {
             boot_vcpus: VCPUS,
@@ -114,7 +114,7 @@ fn idle_guest_halts_keeps_sampling_and_survives_pause_resume() {
             .unwrap_or_else(|e| panic!("pause {cycle}: {e}"));
         let frozen = samples(&vmm.info());
         vmm.vm()
-            .resume(ClockPolicy::Wallclock)
+            .resume(Some(ClockPolicy::Wallclock))
             .unwrap_or_else(|e| panic!("resume {cycle}: {e}"));
         wait_progress(&vmm, &frozen, &format!("sampling after resume {cycle}"));
     }

@@ -5,7 +5,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hypervisor::tsc::ClockPolicy;
+use hypervisor::tsc::{ClockPolicy, ThawOrigin};
 use hypervisor::Hypervisor;
 use log::{info, warn};
 use serde::Deserialize;
@@ -179,14 +179,21 @@ impl Destination for VmDestination {
                 self.tsc_khz
             ));
         }
-        let vm = Vm::finish_incoming(inc, &state, self.events.clone()).map_err(|e| chain(&e))?;
+        let vm = Vm::finish_incoming(
+            inc,
+            &state,
+            ThawOrigin::Migration,
+            Some(self.policy),
+            self.events.clone(),
+        )
+        .map_err(|e| chain(&e))?;
         self.vm = Some(vm);
         Ok(())
     }
 
     fn complete(&mut self) -> Result<(), String> {
         let vm = self.vm.as_mut().ok_or("complete before the state")?;
-        let report = vm.resume(self.policy).map_err(|e| chain(&e))?;
+        let report = vm.resume(None).map_err(|e| chain(&e))?;
         info!(
             "migration: VM running here; clock policy {} applied as {:?}, {} ns elapsed",
             self.policy, report.policy_applied, report.elapsed_ns

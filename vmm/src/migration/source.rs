@@ -313,8 +313,7 @@ pub fn send(
             if paused_here && !in_doubt {
                 let mut v = lock(vm);
                 if v.state() == RunState::Paused {
-                    let policy = v.default_resume_policy();
-                    match v.resume(policy) {
+                    match v.resume(None) {
                         Ok(_) => resumed = true,
                         Err(re) => {
                             warn!("migration failed and the source VM could not be resumed: {re}")
