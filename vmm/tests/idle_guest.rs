@@ -124,3 +124,63 @@ fn idle_guest_halts_keeps_sampling_and_survives_pause_resume() {
     assert_eq!(totals["cross_vcpu"], 0, "{totals}");
     vmm.shutdown_vm();
 }
+
+/// A guest that idles (halted vCPUs waiting for their TSC-deadline timer) must wake after a
+/// restore under either policy: the thaw has to put IA32_TSC_DEADLINE back once the TSC is in
+/// place, also on a host that ignores TSC offsets (where the thaw writes no offset at all).
+#[test]
+fn idle_guest_wakes_after_snapshot_and_restore() {
+    if kvm_absent("idle_guest_wakes_after_snapshot_and_restore") {
+        return;
+    }
+    vmm::signal::install_vcpu_kick_handler().expect("vCPU kick signal");
+    let hv = hypervisor::new().expect("open /dev/kvm");
+    let (tx, _rx) = mpsc::channel::<vmm::VmmEvent>();
+    let config = VmConfig {
+        cpus: CpusConfig {
+            boot_vcpus: 2,
+            max_vcpus: 2,
+        },
+        memory: MemoryConfig { size: 64 << 20 },
+        serial: devices::SerialOutput::Off,
+        guest_idle_us: IDLE_US,
+        ..VmConfig::default()
+    };
+    let vmm = Vmm::boot(hv.clone(), config, tx.clone()).expect("boot");
+    let up = wait_progress(&vmm, &[0; 2], "every vCPU reporting");
+    // Let every vCPU go through several halts, so that each is parked halted with its timer
+    // armed, as a real idle guest is.
+    wait_progress(&vmm, &up, "sampling while idle");
+    vmm.vm().pause().expect("pause");
+    let dir = tempdir("idle-restore");
+    vmm.vm().snapshot(&dir.join("snap")).expect("snapshot");
+    vmm.shutdown_vm();
+
+    for policy in ["wallclock", "frozen"] {
+        let cfg = vmm::api::RestoreConfig::from_options(&format!(
+            "source_url=file://{},resume=true,clock_policy={policy}",
+            dir.join("snap").display()
+        ))
+        .expect("restore options");
+        let restored = Vmm::restore(hv.clone(), &cfg, None, tx.clone())
+            .unwrap_or_else(|e| panic!("restore ({policy}): {e:#}"));
+        let at_restore = samples(&restored.info());
+        wait_progress(
+            &restored,
+            &at_restore,
+            &format!("the idle guest sampling after a restore under {policy}"),
+        );
+        let info = restored.info();
+        assert_eq!(info["time_probe"]["totals"]["tsc_backwards"], 0, "{info}");
+        restored.shutdown_vm();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A fresh directory under the system's temporary directory.
+fn tempdir(what: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("hourglass-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temporary directory");
+    d
+}

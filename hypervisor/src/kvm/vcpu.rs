@@ -1,7 +1,7 @@
 //! [`KvmVcpu`]: one KVM vCPU, its run loop, its kicker and its saved state.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_run, Msrs};
@@ -97,6 +97,8 @@ pub struct KvmVcpu {
     kicker: Arc<KvmKicker>,
     /// MSRs from `set_state` that must wait until the TSC is in place (TSC_DEADLINE).
     after_tsc: Mutex<Vec<MsrEntry>>,
+    /// `after_tsc` is not empty: checked on every `run` without taking the lock.
+    after_tsc_pending: AtomicBool,
 }
 
 impl KvmVcpu {
@@ -108,6 +110,7 @@ impl KvmVcpu {
             caps,
             kicker,
             after_tsc: Mutex::new(Vec::new()),
+            after_tsc_pending: AtomicBool::new(false),
         })
     }
 
@@ -185,6 +188,7 @@ impl KvmVcpu {
     fn flush_after_tsc(&self) -> Result<(), HypervisorError> {
         let pending =
             std::mem::take(&mut *self.after_tsc.lock().unwrap_or_else(|e| e.into_inner()));
+        self.after_tsc_pending.store(false, Ordering::Release);
         self.write_msrs(&pending)
     }
 }
@@ -197,7 +201,16 @@ impl Vcpu for KvmVcpu {
     /// Runs until the next exit. `EINTR`/`EAGAIN` (a signal, or the kicker's immediate exit)
     /// give [`VmExit::Interrupted`], and the immediate-exit flag is cleared here: a caller sets
     /// its own "pause/stop requested" state *before* kicking and checks it on `Interrupted`.
+    ///
+    /// MSRs that `set_state` held back and no TSC write has flushed yet are written first: the
+    /// TSC this vCPU runs with is in place by now (a thaw that writes no offset, on a host that
+    /// ignores offsets, leaves the host's TSC; a VM built with `set_state` and never thawed
+    /// keeps the TSC it has). Without this an idle guest restored there would keep its
+    /// TSC-deadline timer disarmed and sleep for good.
     fn run(&mut self) -> Result<VmExit<'_>, HypervisorError> {
+        if self.after_tsc_pending.load(Ordering::Acquire) {
+            self.flush_after_tsc()?;
+        }
         let kicker = &self.kicker;
         let id = self.id;
         match self.fd.run() {
@@ -412,7 +425,8 @@ impl Vcpu for KvmVcpu {
 
     /// Restores registers, LAPIC, events and MSRs. MSRs interpreted against the TSC
     /// (TSC_DEADLINE) are held back and written right after the TSC, by `set_tsc` (or a
-    /// `set_msrs` of MSR_IA32_TSC), as [`crate::kvm::x86_64::vendor::RESTORE_ORDER`] requires.
+    /// `set_msrs` of MSR_IA32_TSC), as [`crate::kvm::x86_64::vendor::RESTORE_ORDER`] requires,
+    /// and at the latest just before the vCPU next runs.
     fn set_state(&self, state: &VcpuState) -> Result<(), HypervisorError> {
         state.validate()?;
         if state.nested.is_some() && !self.caps.nested_state {
@@ -453,7 +467,9 @@ impl Vcpu for KvmVcpu {
             .iter()
             .partition(|m| AFTER_TSC_MSRS.contains(&m.index));
         self.write_msrs(&now)?;
+        let pending = !after.is_empty();
         *self.after_tsc.lock().unwrap_or_else(|e| e.into_inner()) = after;
+        self.after_tsc_pending.store(pending, Ordering::Release);
         if let Some(e) = &state.events {
             self.fd
                 .set_vcpu_events(&convert::events_to_kvm(e))
