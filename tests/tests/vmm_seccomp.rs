@@ -341,3 +341,53 @@ fn seccomp_log_migration_completes_and_the_guest_continues() {
     check_kernel_logged(src.child.id(), "migration-send");
     check_kernel_logged(dst.child.id(), "migration-recv");
 }
+
+/// What Ctrl-Z and `fg` do (and attaching `strace -p`): SIGSTOP then SIGCONT, while API
+/// requests are under way and the vCPUs run. Every thread in a sleep then resumes it through
+/// restart_syscall(2), which the kernel issues itself: no filter may refuse it.
+#[test]
+fn seccomp_true_survives_stop_and_continue() {
+    if skip("seccomp_true_survives_stop_and_continue") {
+        return;
+    }
+    let _one = exclusive();
+    let mut h = spawn_with("seccomp-stop-cont", Some("true"), None, true);
+    h.wait_serving(Duration::from_secs(20));
+    wait_healthy(&mut h, 2);
+    let api = h.socket.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let requests = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut answered = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Answers may be slow while the VMM is stopped; only a VMM that died ends this.
+                if let Ok((200, _)) = vmm::api::client::api_request(&api, "GET", "vm.info", None) {
+                    answered += 1;
+                }
+            }
+            answered
+        })
+    };
+    for round in 0..3 {
+        h.signal(libc::SIGSTOP);
+        // How long the VMM stays stopped (not a synchronisation: any length shows the bug).
+        std::thread::sleep(Duration::from_millis(300));
+        h.signal(libc::SIGCONT);
+        let before = vcpu_samples(&h.info());
+        wait_progress(
+            &mut h,
+            &before,
+            &format!("every vCPU sampling after continue {round}"),
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answered = requests.join().expect("request thread");
+    assert!(answered > 0, "no vm.info answered during the stops");
+    assert_no_violations(&h.info());
+    assert!(
+        matches!(h.child.try_wait(), Ok(None)),
+        "hourglass exited after SIGSTOP/SIGCONT:\n{}",
+        h.stderr()
+    );
+}
