@@ -40,6 +40,19 @@ use super::{allowed_method, route, ApiError, ApiHandler, ApiResponse};
 /// Why the server could not start.
 #[derive(Debug, Error)]
 pub enum ApiServerError {
+    /// The path cannot be a socket address, so no client could connect to it.
+    #[error(
+        "the API socket path {} is {len} bytes long; a Unix socket path can be at most {} bytes \
+         (sun_path), so no client could connect: choose a shorter path",
+        path.display(),
+        MAX_SOCKET_PATH
+    )]
+    PathTooLong {
+        /// The path given.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+    },
     /// A live server answers on the path.
     #[error("another hourglass is serving {0}")]
     AlreadyServing(PathBuf),
@@ -154,7 +167,12 @@ pub struct ApiServer {
     thread: Option<JoinHandle<()>>,
 }
 
+/// The longest path a client can connect to: `sun_path` holds 108 bytes with the final NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
 /// Starts serving `handler` on a Unix socket at `path` with the default [`ServerLimits`].
+/// A path longer than [`MAX_SOCKET_PATH`] is refused: it could be bound (through a shorter
+/// name and a link) but no client could connect to it.
 pub fn start_api_server(
     path: &Path,
     handler: Arc<dyn ApiHandler>,
@@ -168,6 +186,13 @@ pub fn start_api_server_with_limits(
     handler: Arc<dyn ApiHandler>,
     limits: ServerLimits,
 ) -> Result<ApiServer, ApiServerError> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(ApiServerError::PathTooLong {
+            path: path.to_path_buf(),
+            len,
+        });
+    }
     clear_stale(path)?;
     let listener = bind_private(path)?;
     let identity = fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()));
@@ -691,6 +716,41 @@ fn serve_connection(mut stream: UnixStream, shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::api::ApiRequest;
+
+    struct Nobody;
+    impl ApiHandler for Nobody {
+        fn handle(&self, _: ApiRequest) -> Result<ApiResponse, ApiError> {
+            Ok(ApiResponse::Empty)
+        }
+    }
+
+    #[test]
+    fn a_path_no_client_could_reach_is_refused_naming_the_limit() {
+        let dir = std::env::temp_dir().join(format!("hg-long-{}", std::process::id()));
+        let long = dir.join("s".repeat(MAX_SOCKET_PATH - dir.as_os_str().len()));
+        assert_eq!(long.as_os_str().len(), MAX_SOCKET_PATH + 1);
+        let e = start_api_server(&long, Arc::new(Nobody))
+            .err()
+            .expect("refused");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("at most 107 bytes")
+                && msg.contains(&format!("{} bytes", MAX_SOCKET_PATH + 1)),
+            "{msg}"
+        );
+        assert!(!long.exists() && !dir.exists(), "nothing created");
+        // One byte shorter is served, and a client reaches it.
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = dir.join("s".repeat(MAX_SOCKET_PATH - 1 - dir.as_os_str().len()));
+        let server = start_api_server(&ok, Arc::new(Nobody)).expect("107 bytes is a valid path");
+        let (code, _) =
+            crate::api::client::api_request(&ok, "GET", "vmm.ping", None).expect("ping");
+        assert_eq!(code, 204);
+        server.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn response_shapes() {
