@@ -10,6 +10,7 @@
 pub mod api;
 pub mod config;
 pub mod control;
+pub mod files;
 pub mod migration;
 pub mod seccomp;
 pub mod signal;

@@ -733,3 +733,50 @@ fn mutated_json_is_an_error_never_a_panic() {
         "only {errors} of 3000 mutations were refused"
     );
 }
+
+/// Each file replaced by something that is not a regular file: a symlink to `/dev/zero` (read
+/// without end before), a FIFO with no writer (blocked for good before), a directory. Refused at
+/// once, naming the file and what it is.
+#[test]
+fn files_that_are_not_regular_are_refused_at_once() {
+    use std::os::unix::ffi::OsStrExt;
+    for name in [CONFIG_FILE, STATE_FILE, MEMORY_FILE, CHECKSUMS_FILE] {
+        for what in ["a character device", "a FIFO", "a directory"] {
+            let d = scratch(&format!("special-{name}-{}", what.len())).join("snap");
+            good_snapshot(&d);
+            let p = d.join(name);
+            std::fs::remove_file(&p).unwrap();
+            match what {
+                "a character device" => std::os::unix::fs::symlink("/dev/zero", &p).unwrap(),
+                "a FIFO" => {
+                    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+                    // SAFETY: mkfifo(3) reads the NUL-terminated path, alive across the call.
+                    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+                }
+                _ => std::fs::create_dir(&p).unwrap(),
+            }
+            let t0 = std::time::Instant::now();
+            let e = read_err(&d);
+            assert_names(&e, &[name]);
+            let chain = format!("{:?}", anyhow_chain(&e));
+            assert!(chain.contains(what), "{name} as {what}: {chain}");
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(5),
+                "{name} as {what}: took {:?}",
+                t0.elapsed()
+            );
+        }
+    }
+}
+
+/// An error and its sources, as one string.
+fn anyhow_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

@@ -366,9 +366,14 @@ pub struct Snapshot {
     memory_file: File,
 }
 
+/// `checksums.json` is a few hundred bytes; anything past this is not one.
+const MAX_CHECKSUMS_BYTES: u64 = 1 << 20;
+
+/// Open a snapshot file read-only: a regular file only (a FIFO would block, a device such as
+/// `/dev/zero` would be read without end; see [`crate::files`]).
 fn open_ro(dir: &Path, name: &'static str) -> Result<File, SnapshotError> {
     let path = dir.join(name);
-    File::open(&path).map_err(|e| {
+    crate::files::open_regular(&path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             SnapshotError::Missing {
                 file: name,
@@ -382,9 +387,20 @@ fn open_ro(dir: &Path, name: &'static str) -> Result<File, SnapshotError> {
 
 fn read_small(dir: &Path, name: &'static str, sum: &FileSum) -> Result<Vec<u8>, SnapshotError> {
     use std::io::Read;
-    let mut f = open_ro(dir, name)?;
+    let f = open_ro(dir, name)?;
+    let len = f.metadata().map_err(io(dir.join(name), "stat"))?.len();
+    if len != sum.size {
+        return Err(SnapshotError::Size {
+            file: name,
+            expected: sum.size,
+            found: len,
+            source_of_size: "recorded in checksums.json",
+        });
+    }
+    // Never more than checksums.json records (+1 to notice a file that grew meanwhile).
     let mut bytes = Vec::new();
-    f.read_to_end(&mut bytes)
+    f.take(sum.size.saturating_add(1))
+        .read_to_end(&mut bytes)
         .map_err(io(dir.join(name), "read"))?;
     if bytes.len() as u64 != sum.size {
         return Err(SnapshotError::Size {
@@ -423,8 +439,17 @@ impl Snapshot {
         }
         let mut sums_bytes = Vec::new();
         open_ro(dir, CHECKSUMS_FILE)?
+            .take(MAX_CHECKSUMS_BYTES + 1)
             .read_to_end(&mut sums_bytes)
             .map_err(io(dir.join(CHECKSUMS_FILE), "read"))?;
+        if sums_bytes.len() as u64 > MAX_CHECKSUMS_BYTES {
+            return Err(SnapshotError::Size {
+                file: CHECKSUMS_FILE,
+                expected: MAX_CHECKSUMS_BYTES,
+                found: sums_bytes.len() as u64,
+                source_of_size: "the most a checksums file may hold",
+            });
+        }
         let checksums = format::decode_checksums(&sums_bytes)?;
         let sum = |name: &str| checksums.files[name].clone();
 

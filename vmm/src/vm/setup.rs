@@ -16,6 +16,10 @@ use super::{hv_err, DeviceManager, Frozen, PauseStats, RunState, Vm, VmError};
 use crate::config::VmConfig;
 use crate::vcpu::{Shared, VcpuSet, VmEvent};
 
+/// The largest kernel image accepted (distribution kernels are 5-15 MiB; an ELF `vmlinux`
+/// with debug information several hundred).
+const MAX_KERNEL_BYTES: u64 = 1 << 30;
+
 /// `KVM_MP_STATE_RUNNABLE`: the vCPU runs (rather than waiting for INIT/SIPI).
 const KVM_MP_STATE_RUNNABLE: u32 = 0;
 
@@ -135,7 +139,7 @@ impl Vm {
         map_guest_memory(vm.as_ref(), &memory, size, false)?;
 
         let image: std::borrow::Cow<'static, [u8]> = match &config.kernel {
-            Some(p) => std::fs::read(p)
+            Some(p) => crate::files::read_regular(p, MAX_KERNEL_BYTES)
                 .map_err(|source| VmError::Kernel {
                     path: p.clone(),
                     source,
