@@ -780,3 +780,46 @@ fn anyhow_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// A pid that no longer runs: a child that has exited and been reaped.
+fn dead_pid() -> u32 {
+    let mut c = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let pid = c.id();
+    c.wait().unwrap();
+    pid
+}
+
+/// `kill -9` during a snapshot leaves `.NAME.tmp-PID-N` (and, in the instant of the swap,
+/// `.NAME.old-PID-N`): the next snapshot into the same parent removes those of dead processes
+/// and leaves a live writer's alone.
+#[test]
+fn leftovers_of_dead_writers_are_removed_by_the_next_snapshot() {
+    let parent = scratch("stale");
+    let dest = parent.join("snap");
+    good_snapshot(&dest);
+    let dead = dead_pid();
+    let live = std::process::id();
+    for name in [
+        format!(".snap.tmp-{dead}-0"),
+        format!(".snap.old-{dead}-3"),
+        format!(".snap.tmp-{live}-999"),
+        format!(".other.tmp-{dead}-0"),
+    ] {
+        std::fs::create_dir(parent.join(&name)).unwrap();
+        std::fs::write(parent.join(&name).join("memory.bin"), b"x").unwrap();
+    }
+    good_snapshot(&dest);
+    let mut left = leftovers(&parent);
+    left.sort();
+    assert_eq!(
+        left,
+        vec![
+            format!(".other.tmp-{dead}-0"),
+            format!(".snap.tmp-{live}-999")
+        ],
+        "only a live writer's and another snapshot's leftovers stay"
+    );
+    Snapshot::read(&dest).expect("the new snapshot reads back");
+}

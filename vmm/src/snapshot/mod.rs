@@ -117,6 +117,63 @@ fn sibling(dest: &Path, tag: &str) -> Result<PathBuf, SnapshotError> {
     Ok(dest.with_file_name(format!(".{name}.{tag}-{}-{n}", std::process::id())))
 }
 
+/// Whether process `pid` exists (a signal 0 reaches it, or it exists under another user).
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: kill(2) with signal 0 sends nothing; it only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// What a writer killed mid-way (`kill -9`, power loss) left beside `dest`: its
+/// `.<name>.tmp-<pid>-<n>` directories are removed; a `.<name>.old-<pid>-<n>` is the previous
+/// snapshot moved aside just before the new one was renamed in, so it is put back when `dest` is
+/// missing (the only complete copy) and removed otherwise. Only leftovers of processes that no
+/// longer exist are touched; a failure is logged, never fatal.
+fn clean_stale(dest: &Path) {
+    let Some(name) = dest.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(parent_of(dest)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(&format!(".{name}.")) else {
+            continue;
+        };
+        let Some((tag, ids)) = rest.split_once('-') else {
+            continue;
+        };
+        let pid = ids.split_once('-').and_then(|(p, n)| {
+            n.parse::<u64>().ok()?;
+            p.parse::<i32>().ok()
+        });
+        let Some(pid) = pid.filter(|p| *p > 0 && !pid_alive(*p)) else {
+            continue;
+        };
+        let path = e.path();
+        let r = match tag {
+            "old" if !dest.exists() => std::fs::rename(&path, dest).map(|()| {
+                log::warn!(
+                    "put back {} as {}: a snapshot write killed mid-way (pid {pid}) had moved it aside",
+                    path.display(),
+                    dest.display()
+                )
+            }),
+            "tmp" | "old" => std::fs::remove_dir_all(&path).map(|()| {
+                log::info!(
+                    "removed {}, left by a snapshot write of pid {pid} that no longer runs",
+                    path.display()
+                )
+            }),
+            _ => continue,
+        };
+        if let Err(err) = r {
+            log::warn!("cannot clean up {}: {err}", path.display());
+        }
+    }
+}
+
 fn parent_of(dest: &Path) -> PathBuf {
     match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -235,6 +292,7 @@ pub fn write(
             reason: format!("its parent directory {} does not exist", parent.display()),
         });
     }
+    clean_stale(dest);
     let exists = check_replaceable(dest)?;
 
     let tmp = sibling(dest, "tmp")?;
