@@ -109,13 +109,14 @@ fn chain(status: u16, context: &str, e: &VmError) -> ApiError {
     ApiError::from_error(status, context, e)
 }
 
-/// The HTTP status of a failed snapshot or restore: 4xx when the request or the snapshot is at
-/// fault (VM not paused, bad or mismatched snapshot, a snapshot this host cannot run), 5xx
-/// when the host failed.
+/// The HTTP status of a failed snapshot or restore: 400 when the request or the snapshot is at
+/// fault (bad or mismatched snapshot, a snapshot this host cannot run), 500 otherwise, and
+/// for a VM in the wrong state (not paused, shut down), as Cloud Hypervisor answers: its
+/// client knows no 409 and prints "Server responded with Unknown" for one.
 pub fn snapshot_error_status(e: &VmError) -> u16 {
     use hypervisor::HypervisorError as H;
     match e {
-        VmError::InvalidState(_) => 409,
+        VmError::InvalidState(_) => 500,
         VmError::Snapshot(s) if s.is_bad_input() => 400,
         VmError::Config(_) => 400,
         VmError::Hypervisor {
@@ -233,7 +234,7 @@ impl Vmm {
     ) -> Result<migration::SendReport, ApiError> {
         use std::sync::atomic::Ordering;
         if self.migrating.swap(true, Ordering::SeqCst) {
-            return Err(ApiError::conflict("The VM could not be migrated")
+            return Err(ApiError::internal("The VM could not be migrated")
                 .caused_by("a migration of this VM is already running"));
         }
         info!("API: vm.send-migration to {}", cfg.destination_url);
@@ -327,8 +328,8 @@ impl ApiHandler for Vmm {
                     )
                 })
             }
-            // Cloud Hypervisor's documented code for "already created".
-            ApiRequest::VmRestore(_) => Err(ApiError::not_found("The VM could not be restored")
+            // Cloud Hypervisor answers 500 for a restore into a VMM that has a VM.
+            ApiRequest::VmRestore(_) => Err(ApiError::internal("The VM could not be restored")
                 .caused_by(
                     "this VMM already has a VM; restore into an hourglass started with only \
                      --api-socket",
@@ -336,7 +337,7 @@ impl ApiHandler for Vmm {
             ApiRequest::VmSendMigration(cfg) => {
                 self.send_migration(&cfg).map(|_| ApiResponse::Empty)
             }
-            ApiRequest::VmReceiveMigration(_) => Err(ApiError::conflict(
+            ApiRequest::VmReceiveMigration(_) => Err(ApiError::internal(
                 "The VM could not be received",
             )
             .caused_by("this VMM already has a VM; receive into an hourglass started with only --api-socket")),
@@ -467,11 +468,18 @@ impl ApiHandler for Service {
                 self.set(Arc::new(Vmm::from_vm(vm, self.events())));
                 Ok(ApiResponse::Empty)
             }
-            other => Err(ApiError::internal(format!(
-                "{}: there is no VM (this hourglass was started without one; restore one with \
-                 vm.restore)",
-                other.endpoint()
-            ))),
+            other => {
+                let msg = format!(
+                    "{}: there is no VM (this hourglass was started without one; restore one with \
+                     vm.restore)",
+                    other.endpoint()
+                );
+                // Cloud Hypervisor: 404 for vm.info without a VM, 500 for the actions.
+                Err(match other {
+                    ApiRequest::VmInfo => ApiError::not_found(msg),
+                    _ => ApiError::internal(msg),
+                })
+            }
         }
     }
 }
