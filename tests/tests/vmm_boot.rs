@@ -78,3 +78,69 @@ fn dirty_mib_beyond_memory_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--dirty-mib 64"), "{err}");
 }
+
+/// The three modes (boot, restore, serve): a flag that would have no effect in the mode chosen
+/// is refused naming both flags, before anything starts.
+#[test]
+fn flags_without_effect_in_the_mode_are_refused() {
+    for args in [
+        &[
+            "--restore",
+            "source_url=file:///nowhere",
+            "--clock-policy",
+            "frozen",
+        ][..],
+        &[
+            "--restore",
+            "source_url=file:///nowhere",
+            "--guest-idle-us",
+            "100",
+        ],
+        &["--write-guest", "/nonexistent/g.elf", "--cpus", "boot=2"],
+        &[
+            "--write-guest",
+            "/nonexistent/g.elf",
+            "--api-socket",
+            "path=/tmp/x.sock",
+        ],
+    ] {
+        let out = Command::new(binary("hourglass"))
+            .args(args)
+            .output()
+            .expect("run hourglass");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("cannot be used with") && err.contains(args[2]),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+/// `--api-socket` with `--clock-policy` (or `--guest-idle-us`) is the boot mode, not a server
+/// that silently drops the flag: the VM runs with the policy asked for.
+#[test]
+fn a_vm_flag_beside_the_api_socket_boots_with_it() {
+    let _x = exclusive();
+    if skip("a_vm_flag_beside_the_api_socket_boots_with_it") {
+        return;
+    }
+    let mut cmd = Command::new(binary("hourglass"));
+    cmd.args(["--clock-policy", "frozen"]);
+    let mut h = Hourglass::spawn_cmd(cmd, "mode-boot");
+    h.wait_serving(Duration::from_secs(20));
+    h.wait_until("the VM", Duration::from_secs(20), |h| {
+        h.try_info().is_some()
+    });
+    let info = h.info();
+    assert_eq!(
+        info["clock"]["policy_default"], "frozen",
+        "{}",
+        info["clock"]
+    );
+    assert_eq!(
+        info["config"]["cpus"]["boot_vcpus"], 1,
+        "{}",
+        info["config"]
+    );
+}

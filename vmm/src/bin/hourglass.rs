@@ -20,46 +20,74 @@ use vmm::control::Controller;
 use vmm::seccomp::{self, SeccompMode, ThreadKind};
 use vmm::{Service, Vmm};
 
-/// Hourglass: a KVM VMM that keeps guest time (TSC, kvmclock) right across pause and resume.
+/// Hourglass: a KVM VMM that keeps guest time (TSC, kvmclock) right across pause/resume,
+/// snapshot/restore and live migration.
 #[derive(Parser, Debug)]
-#[command(name = "hourglass", version, about)]
+#[command(
+    name = "hourglass",
+    version,
+    about,
+    long_about = None,
+    after_help = "\
+Modes (one per process):
+  boot     any of --cpus, --memory, --kernel, --clock-policy, --dirty-mib, --guest-idle-us,
+           or no --api-socket: boots a VM (the built-in test guest unless --kernel), with
+           1 vCPU and 512 MiB by default
+  restore  --restore source_url=file:///DIR[,...]: restores a snapshot instead
+  serve    only --api-socket (and --serial): no VM until vm.restore or vm.receive-migration
+           arrives on the API socket
+Flags that would have no effect in the mode chosen are refused.
+
+Examples:
+  hourglass --cpus boot=2 --memory size=256M --api-socket path=/tmp/hg.sock
+  hourglass --restore source_url=file:///var/snap,resume=true --api-socket path=/tmp/hg.sock
+  hourglass --api-socket path=/tmp/dst.sock     # then: ch-remote ... receive-migration"
+)]
 struct Cli {
-    /// vCPUs: boot=N
+    /// vCPUs: boot=N [default: boot=1]
     #[arg(long, value_name = "boot=N", value_parser = parse_cpus)]
     cpus: Option<CpusConfig>,
-    /// Guest memory: size=SIZE (K, M, G suffixes)
-    #[arg(long, value_name = "size=512M", value_parser = parse_memory)]
+    /// Guest memory: size=SIZE, K, M and G suffixes [default: size=512M]
+    #[arg(long, value_name = "size=SIZE", value_parser = parse_memory)]
     memory: Option<MemoryConfig>,
     /// A PVH ELF image to boot instead of the built-in test guest
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
-    /// Serial output: tty (default), file=PATH or off. With --restore or vm.restore: replaces
-    /// the snapshot's serial output
+    /// Serial output: tty, file=PATH or off [default: tty]. With --restore or vm.restore:
+    /// replaces the snapshot's serial output
     #[arg(long, value_name = "tty|file=PATH|off", value_parser = parse_serial)]
     serial: Option<devices::SerialOutput>,
-    /// Restore a VM from a snapshot instead of booting one (it comes up paused unless
-    /// resume=true; memory_restore_mode=copy|ondemand|map_private, clock_policy=wallclock|frozen)
+    /// Restore a VM from a snapshot instead of booting one; it comes up paused unless
+    /// resume=true. Options: source_url=file:///DIR, resume=true|false,
+    /// memory_restore_mode=copy|ondemand|map_private, clock_policy=wallclock|frozen
     #[arg(
         long,
         value_name = "source_url=file:///DIR[,resume=true][,clock_policy=wallclock|frozen]",
         value_parser = parse_restore,
-        conflicts_with_all = ["cpus", "memory", "kernel", "dirty_mib"]
+        conflicts_with_all = ["cpus", "memory", "kernel", "dirty_mib", "guest_idle_us", "clock_policy"]
     )]
     restore: Option<vmm::api::RestoreConfig>,
-    /// API socket: path=PATH (or a bare PATH)
+    /// API socket: path=PATH (or a bare PATH); at most 107 bytes
     #[arg(long = "api-socket", value_name = "path=PATH", value_parser = parse_api_socket)]
     api_socket: Option<PathBuf>,
-    /// What the guest sees of paused time by default: wallclock or frozen
-    #[arg(long = "clock-policy", value_name = "wallclock|frozen", default_value = "wallclock", value_parser = parse_clock_policy)]
-    clock_policy: hypervisor::tsc::ClockPolicy,
-    /// MiB of RAM the test guest dirties in a loop
-    #[arg(long = "dirty-mib", value_name = "N", default_value_t = 0)]
-    dirty_mib: u32,
-    /// Test guest idle mode: each vCPU halts N µs between samples (0: busy loop)
-    #[arg(long = "guest-idle-us", value_name = "N", default_value_t = 0)]
-    guest_idle_us: u32,
+    /// What the booted guest sees of paused time when a resume names no policy: wallclock or
+    /// frozen [default: wallclock]
+    #[arg(long = "clock-policy", value_name = "wallclock|frozen", value_parser = parse_clock_policy)]
+    clock_policy: Option<hypervisor::tsc::ClockPolicy>,
+    /// MiB of RAM the test guest dirties in a loop [default: 0]
+    #[arg(long = "dirty-mib", value_name = "N")]
+    dirty_mib: Option<u32>,
+    /// Test guest idle mode: each vCPU halts N µs between samples, 0 for a busy loop
+    /// [default: 0]
+    #[arg(long = "guest-idle-us", value_name = "N")]
+    guest_idle_us: Option<u32>,
     /// Write the built-in test guest (a PVH ELF) to PATH and exit
-    #[arg(long = "write-guest", value_name = "PATH")]
+    #[arg(
+        long = "write-guest",
+        value_name = "PATH",
+        conflicts_with_all = ["cpus", "memory", "kernel", "serial", "restore", "api_socket",
+                              "clock_policy", "dirty_mib", "guest_idle_us"]
+    )]
     write_guest: Option<PathBuf>,
     /// Per-thread seccomp filters: true (a forbidden syscall ends the process with SIGSYS and
     /// names the syscall), false (no filters) or log (allowed, logged by the kernel)
@@ -68,6 +96,18 @@ struct Cli {
     /// More log output (-v info, -vv debug, -vvv trace)
     #[arg(short, action = clap::ArgAction::Count)]
     v: u8,
+}
+
+impl Cli {
+    /// Whether any option that describes a VM to boot was given.
+    fn boot_options(&self) -> bool {
+        self.cpus.is_some()
+            || self.memory.is_some()
+            || self.kernel.is_some()
+            || self.clock_policy.is_some()
+            || self.dirty_mib.is_some()
+            || self.guest_idle_us.is_some()
+    }
 }
 
 fn main() {
@@ -110,9 +150,9 @@ fn run(cli: Cli) -> Result<()> {
         memory: cli.memory.unwrap_or(defaults.memory),
         kernel: cli.kernel.clone(),
         serial: cli.serial.clone().unwrap_or(defaults.serial.clone()),
-        clock_policy: cli.clock_policy,
-        dirty_mib: cli.dirty_mib,
-        guest_idle_us: cli.guest_idle_us,
+        clock_policy: cli.clock_policy.unwrap_or(defaults.clock_policy),
+        dirty_mib: cli.dirty_mib.unwrap_or(defaults.dirty_mib),
+        guest_idle_us: cli.guest_idle_us.unwrap_or(defaults.guest_idle_us),
     };
 
     // Before any filter: the process-wide mode, and the handler that names a violation.
@@ -145,8 +185,7 @@ fn run(cli: Cli) -> Result<()> {
     // filter, so the control filter includes theirs (see vmm::seccomp).
     seccomp::enter(ThreadKind::Control);
     // Like Cloud Hypervisor: with only --api-socket (no VM options), wait for vm.restore.
-    let vm_options =
-        cli.cpus.is_some() || cli.memory.is_some() || cli.kernel.is_some() || cli.dirty_mib != 0;
+    let vm_options = cli.boot_options();
     if let Some(r) = &cli.restore {
         service
             .create(|| Vmm::restore(hv, r, cli.serial.clone(), tx))
