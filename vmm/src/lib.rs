@@ -255,17 +255,32 @@ impl Vmm {
         let migration = self.migration_progress();
         let vm = self.vm();
         let c = vm.config();
+        // Cloud Hypervisor's shapes for the fields it has (a typed client of its API parses
+        // them), Hourglass's own beside them.
+        let (mode, file) = match &c.serial {
+            devices::SerialOutput::Tty => ("Tty", None),
+            devices::SerialOutput::File(p) => ("File", Some(p)),
+            devices::SerialOutput::Off => ("Off", None),
+        };
         serde_json::json!({
             "config": {
                 "cpus": c.cpus,
                 "memory": c.memory,
-                "payload": { "kernel": c.kernel },
-                "serial": c.serial,
+                "payload": {
+                    "firmware": null,
+                    "kernel": c.kernel,
+                    "cmdline": null,
+                    "initramfs": null,
+                },
+                "serial": { "file": file, "mode": mode, "iommu": false, "socket": null },
+                "console": { "file": null, "mode": "Off", "iommu": false, "socket": null },
                 "clock_policy": c.clock_policy,
                 "dirty_mib": c.dirty_mib,
+                "guest_idle_us": c.guest_idle_us,
             },
             "state": vm.state(),
             "memory_actual_size": c.memory.size,
+            "device_tree": vm.device_tree(),
             "clock": vm.clock_info(),
             "time_probe": vm.probe_report(),
             "pause_stats": vm.stats(),

@@ -605,6 +605,11 @@ fn ch_remote_ping_and_info_print_the_json() {
         serde_json::from_str::<Value>(stdout.trim_end()).unwrap(),
         info_json()
     );
+    // Pretty-printed, one field a line, as Cloud Hypervisor's client prints it.
+    assert_eq!(
+        stdout,
+        format!("{}\n", serde_json::to_string_pretty(&info_json()).unwrap())
+    );
     let (code, stdout, stderr) = ch_remote(&f.sock, &["pause"]);
     assert_eq!((code, stdout.as_str(), stderr.as_str()), (0, "", ""));
 }

@@ -181,7 +181,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .with_context(|| format!("the {endpoint} request failed"))?;
     if status == 200 || status == 204 {
         if !answer.is_empty() {
-            println!("{answer}");
+            // vm.info pretty-printed, as Cloud Hypervisor's client prints it (about 3 KB: one
+            // line is unreadable); anything else, or what is not JSON, as received.
+            let pretty = (endpoint == "vm.info")
+                .then(|| serde_json::from_str::<serde_json::Value>(&answer).ok())
+                .flatten()
+                .and_then(|v| serde_json::to_string_pretty(&v).ok());
+            println!("{}", pretty.as_deref().unwrap_or(&answer));
         }
         return Ok(());
     }

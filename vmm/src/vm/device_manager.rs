@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use ::devices::probe::TimeProbe;
+use ::devices::probe::{TimeProbe, PROBE_BASE, PROBE_PORT_COUNT};
 use ::devices::serial::{COM1_PORT, SERIAL_PORT_LEN};
 use ::devices::{PioBus, Serial, SerialOutput, I8042};
 
@@ -67,6 +67,25 @@ impl DeviceManager {
     /// The time-probe device.
     pub fn probe(&self) -> &Arc<TimeProbe> {
         &self.probe
+    }
+
+    /// The devices as `vm.info`'s `device_tree` lists them, in Cloud Hypervisor's shape: one
+    /// node per device, keyed by id, with its port range.
+    pub fn device_tree(&self) -> serde_json::Value {
+        let node = |id: &str, base: u16, size: u16| {
+            serde_json::json!({
+                "id": id,
+                "resources": [{ "PioAddressRange": { "base": base, "size": size } }],
+                "parent": null,
+                "children": [],
+                "pci_bdf": null,
+            })
+        };
+        serde_json::json!({
+            "_serial": node("_serial", COM1_PORT, SERIAL_PORT_LEN),
+            "_i8042": node("_i8042", ::devices::i8042::I8042_DATA_PORT, I8042_PORTS),
+            "_time_probe": node("_time_probe", PROBE_BASE, PROBE_PORT_COUNT),
+        })
     }
 
     /// Every device's state, for a snapshot or a migration.

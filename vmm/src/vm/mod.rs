@@ -126,6 +126,11 @@ impl Vm {
         self.devices.probe().report()
     }
 
+    /// `vm.info`'s `device_tree`, in Cloud Hypervisor's shape.
+    pub fn device_tree(&self) -> serde_json::Value {
+        self.devices.device_tree()
+    }
+
     /// The latest pause/resume timings.
     pub fn stats(&self) -> PauseStats {
         PauseStats {
