@@ -26,7 +26,7 @@ use crate::api::{
     ApiError, ApiHandler, ApiRequest, ApiResponse, MemoryRestoreMode, RestoreConfig,
     VmmPingResponse,
 };
-use crate::config::{policy_from_api, VmConfig};
+use crate::config::VmConfig;
 use crate::snapshot::{LoadOptions, MemoryMode, Snapshot};
 use crate::vcpu::VmEvent;
 use crate::vm::{RestoreOptions, RunState, Vm, VmError};
@@ -155,7 +155,7 @@ impl Vmm {
                 prefault: cfg.prefault,
             },
             serial,
-            policy: cfg.clock_policy.map(policy_from_api),
+            policy: cfg.clock_policy,
         };
         let vm_tx = forward_vm_events(events.clone())?;
         let mut vm = Vm::restore(hv, &snap, &opts, vm_tx)?;
@@ -266,7 +266,6 @@ impl ApiHandler for Vmm {
                 let mut vm = self.vm();
                 let policy = cfg
                     .clock_policy
-                    .map(policy_from_api)
                     .unwrap_or(vm.default_resume_policy());
                 vm.resume(policy)
                     .map(|_| ApiResponse::Empty)
@@ -421,7 +420,6 @@ impl ApiHandler for Service {
                 let vm_tx = forward_vm_events(self.events()).map_err(|e| chain(500, what, &e))?;
                 let policy = cfg
                     .clock_policy
-                    .map(policy_from_api)
                     .unwrap_or(hypervisor::tsc::ClockPolicy::Wallclock);
                 let (mut vm, report) =
                     migration::receive_vm(&ep, self.hv.clone(), self.serial.clone(), vm_tx, policy)

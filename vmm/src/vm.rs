@@ -819,7 +819,7 @@ impl Vm {
         for w in &report.warnings {
             warn!("clock: {w}");
         }
-        if report.policy_requested != policy || report.policy_applied_name() != policy.name() {
+        if report.policy_requested != policy || report.policy_applied.name() != policy.name() {
             info!(
                 "clock policy requested {policy}, applied {:?}",
                 report.policy_applied
@@ -880,21 +880,6 @@ impl Vm {
             "warnings": warnings,
             "restored_from": self.restored_from,
         })
-    }
-}
-
-/// The applied policy's name, to compare with the requested one.
-trait AppliedName {
-    fn policy_applied_name(&self) -> &'static str;
-}
-
-impl AppliedName for ClockReport {
-    fn policy_applied_name(&self) -> &'static str {
-        match self.policy_applied {
-            hypervisor::tsc::AppliedPolicy::Wallclock => "wallclock",
-            hypervisor::tsc::AppliedPolicy::Frozen => "frozen",
-            hypervisor::tsc::AppliedPolicy::HostTsc => "host_tsc",
-        }
     }
 }
 

@@ -3,6 +3,7 @@
 use super::plan::{ClockPolicy, ThawPlan};
 use super::vendor::Vendor;
 use serde::{Deserialize, Serialize};
+use std::fmt;
 
 /// The policy a thaw could actually apply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,6 +16,24 @@ pub enum AppliedPolicy {
     /// The host ignored the offsets: the guest saw the host TSC, and kvmclock
     /// was made to agree with it.
     HostTsc,
+}
+
+impl AppliedPolicy {
+    /// The name serde writes (`wallclock`, `frozen`, `host_tsc`); the first two are the names of
+    /// the [`ClockPolicy`] they apply.
+    pub const fn name(self) -> &'static str {
+        match self {
+            AppliedPolicy::Wallclock => ClockPolicy::Wallclock.name(),
+            AppliedPolicy::Frozen => ClockPolicy::Frozen.name(),
+            AppliedPolicy::HostTsc => "host_tsc",
+        }
+    }
+}
+
+impl fmt::Display for AppliedPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// The clock section of `vm.info`: requested vs applied policy and the numbers behind it.
@@ -106,6 +125,15 @@ mod tests {
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["policy_requested"], "frozen");
         assert_eq!(v["policy_applied"], "host_tsc");
+        for p in [
+            AppliedPolicy::Wallclock,
+            AppliedPolicy::Frozen,
+            AppliedPolicy::HostTsc,
+        ] {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.name());
+            assert_eq!(p.to_string(), p.name());
+        }
+        assert_eq!(AppliedPolicy::Frozen.name(), ClockPolicy::Frozen.name());
         assert_eq!(v["vendor"], "amd");
         let back: ClockReport = serde_json::from_value(v).unwrap();
         assert_eq!(back, r);

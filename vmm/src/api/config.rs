@@ -11,12 +11,13 @@
 //! `ch-remote` builds its bodies from them, and they can be built from Cloud Hypervisor's
 //! comma-separated option syntax (`source_url=file:///snap,resume=on`) with `from_options`.
 
-use std::fmt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use thiserror::Error;
+
+pub use hypervisor::tsc::ClockPolicy;
 
 use super::options::{self, OptionError};
 
@@ -77,35 +78,6 @@ pub enum ConfigError {
         /// The syntax error.
         source: OptionError,
     },
-}
-
-/// How the guest's clocks treat the time during which it did not run (Hourglass extension).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ClockPolicy {
-    /// The guest sees the real elapsed time (TSC and kvmclock jump forward together).
-    Wallclock,
-    /// The guest sees no time pass.
-    Frozen,
-}
-
-impl ClockPolicy {
-    fn parse(s: &str) -> Option<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "wallclock" => Some(Self::Wallclock),
-            "frozen" => Some(Self::Frozen),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for ClockPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Wallclock => "wallclock",
-            Self::Frozen => "frozen",
-        })
-    }
 }
 
 /// How guest memory is brought back on restore (Cloud Hypervisor's `MemoryRestoreMode`).
@@ -475,7 +447,7 @@ impl<'a> Fields<'a> {
     }
 
     fn clock_policy(&self) -> Result<Option<ClockPolicy>, ConfigError> {
-        self.enumerated("clock_policy", "wallclock, frozen", ClockPolicy::parse)
+        self.enumerated("clock_policy", "wallclock, frozen", |s| s.parse().ok())
     }
 
     fn migration_mode(&self) -> Result<MigrationMode, ConfigError> {
