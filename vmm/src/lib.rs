@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod config;
+pub mod decode;
 pub mod migration;
 pub mod seccomp;
 pub mod signal;
