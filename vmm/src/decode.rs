@@ -73,6 +73,16 @@ pub struct DecodeError {
 }
 
 impl DecodeError {
+    /// `field` (a path) holds a value that a `TryFrom` check refuses, for `reason`.
+    pub fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        Self::at(Problem::Invalid(reason.into())).under(field)
+    }
+
+    /// The required `field` (a path) is absent.
+    pub fn missing(field: &str) -> Self {
+        Self::at(Problem::Missing).under(field)
+    }
+
     fn at(problem: Problem) -> Self {
         Self {
             path: String::new(),
@@ -117,7 +127,7 @@ impl de::Error for DecodeError {
     }
 
     fn missing_field(field: &'static str) -> Self {
-        Self::at(Problem::Missing).under(field)
+        Self::missing(field)
     }
 
     fn unknown_field(field: &str, expected: &'static [&'static str]) -> Self {
@@ -177,6 +187,15 @@ fn got_words(unexp: Unexpected<'_>) -> String {
 /// Decodes `T` from `v`; the error names the field that was wrong.
 pub fn from_value<'de, T: Deserialize<'de>>(v: &'de Value) -> Result<T, DecodeError> {
     T::deserialize(Json(v))
+}
+
+/// Decodes the plain form `R` from `v` and checks it into `T`.
+pub fn checked<'de, R, T>(v: &'de Value) -> Result<T, DecodeError>
+where
+    R: Deserialize<'de>,
+    T: TryFrom<R, Error = DecodeError>,
+{
+    T::try_from(from_value::<R>(v)?)
 }
 
 /// A JSON value being decoded.
