@@ -66,24 +66,6 @@ pub enum ApiRequest {
     VmReceiveMigration(ReceiveMigrationConfig),
 }
 
-impl ApiRequest {
-    /// The endpoint name, as in the path (`vm.pause`).
-    pub fn endpoint(&self) -> &'static str {
-        match self {
-            Self::VmmPing => "vmm.ping",
-            Self::VmmShutdown => "vmm.shutdown",
-            Self::VmInfo => "vm.info",
-            Self::VmPause => "vm.pause",
-            Self::VmResume(_) => "vm.resume",
-            Self::VmShutdown => "vm.shutdown",
-            Self::VmSnapshot(_) => "vm.snapshot",
-            Self::VmRestore(_) => "vm.restore",
-            Self::VmSendMigration(_) => "vm.send-migration",
-            Self::VmReceiveMigration(_) => "vm.receive-migration",
-        }
-    }
-}
-
 /// A successful answer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiResponse {
