@@ -205,21 +205,10 @@ pub fn parse_api_socket(s: &str) -> Result<PathBuf, OptionValueError> {
     Ok(PathBuf::from(p))
 }
 
-/// `--clock-policy wallclock|frozen`.
+/// `--clock-policy wallclock|frozen`, spelled as [`ClockPolicy`]'s `FromStr` wants it.
 pub fn parse_clock_policy(s: &str) -> Result<ClockPolicy, OptionValueError> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "wallclock" => Ok(ClockPolicy::Wallclock),
-        "frozen" => Ok(ClockPolicy::Frozen),
-        _ => Err(err("clock-policy", s, "expected wallclock or frozen")),
-    }
-}
-
-/// The API's clock policy (a request body field) as the time model's.
-pub fn policy_from_api(p: crate::api::ClockPolicy) -> ClockPolicy {
-    match p {
-        crate::api::ClockPolicy::Wallclock => ClockPolicy::Wallclock,
-        crate::api::ClockPolicy::Frozen => ClockPolicy::Frozen,
-    }
+    s.parse()
+        .map_err(|e: hypervisor::tsc::ParsePolicyError| err("clock-policy", s, e.to_string()))
 }
 
 #[cfg(test)]
@@ -306,13 +295,14 @@ mod tests {
     fn clock_policy() {
         assert_eq!(parse_clock_policy("frozen").unwrap(), ClockPolicy::Frozen);
         assert_eq!(
-            parse_clock_policy("Wallclock").unwrap(),
+            parse_clock_policy("wallclock").unwrap(),
             ClockPolicy::Wallclock
         );
-        assert!(parse_clock_policy("sometimes")
-            .unwrap_err()
-            .to_string()
-            .contains("sometimes"));
+        assert_eq!(
+            parse_clock_policy("Wallclock").unwrap_err().to_string(),
+            "--clock-policy \"Wallclock\": clock policy: `Wallclock` is not one of wallclock, frozen"
+        );
+        assert!(parse_clock_policy(" frozen").is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod config;
 pub mod control;
+pub mod decode;
 pub mod files;
 pub mod migration;
 pub mod seccomp;
@@ -28,7 +29,7 @@ use crate::api::{
     ApiError, ApiHandler, ApiRequest, ApiResponse, MemoryRestoreMode, RestoreConfig,
     VmmPingResponse,
 };
-use crate::config::{policy_from_api, VmConfig};
+use crate::config::VmConfig;
 use crate::snapshot::{LoadOptions, MemoryMode, Snapshot};
 use crate::vcpu::VmEvent;
 use crate::vm::{RestoreOptions, RestoredFrom, RunState, Vm, VmError};
@@ -196,7 +197,7 @@ impl Vmm {
                 prefault: cfg.prefault,
             },
             serial,
-            policy: cfg.clock_policy.map(policy_from_api),
+            policy: cfg.clock_policy,
         };
         let vm_tx = forward_vm_events(events.clone())?;
         let mut vm = Vm::restore(hv, &snap, &opts, vm_tx)?;
@@ -318,7 +319,7 @@ impl ApiHandler for Vmm {
             }
             ApiRequest::VmResume(cfg) => {
                 let mut vm = self.vm();
-                vm.resume(cfg.clock_policy.map(policy_from_api))
+                vm.resume(cfg.clock_policy)
                     .map(|_| ApiResponse::Empty)
                     .map_err(|e| chain(500, "The VM could not be resumed", &e))
             }
@@ -468,7 +469,6 @@ impl ApiHandler for Service {
                 let vm_tx = forward_vm_events(self.events()).map_err(|e| chain(500, what, &e))?;
                 let policy = cfg
                     .clock_policy
-                    .map(policy_from_api)
                     .unwrap_or(hypervisor::tsc::ClockPolicy::Wallclock);
                 let (mut vm, report) =
                     migration::receive_vm(&ep, self.hv.clone(), self.serial.clone(), vm_tx, policy)

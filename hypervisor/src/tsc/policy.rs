@@ -1,13 +1,17 @@
 //! The operator's clock policy for a thaw.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::str::FromStr;
 use thiserror::Error;
 
 /// What the guest sees of the time the VM spent frozen.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+///
+/// Spelled `wallclock` or `frozen`, exactly: lower case, no surrounding whitespace, in every
+/// place a policy is read (the `--clock-policy` option, API bodies, `ch-remote` options, saved
+/// configurations). [`FromStr`] is the one parser; serde reads and writes the same names through
+/// it and [`ClockPolicy::name`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ClockPolicy {
     /// The guest sees the real elapsed time (TSC and kvmclock jump forward).
     #[default]
@@ -17,6 +21,9 @@ pub enum ClockPolicy {
 }
 
 impl ClockPolicy {
+    /// Every policy, in the order error messages list them.
+    pub const ALL: [ClockPolicy; 2] = [ClockPolicy::Wallclock, ClockPolicy::Frozen];
+
     /// The policy's name as accepted by [`FromStr`] and serde.
     pub const fn name(self) -> &'static str {
         match self {
@@ -32,9 +39,22 @@ impl fmt::Display for ClockPolicy {
     }
 }
 
+impl Serialize for ClockPolicy {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for ClockPolicy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// An unknown clock policy name.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("clock policy: expected \"wallclock\" or \"frozen\", got {0:?}")]
+#[error("clock policy: `{0}` is not one of wallclock, frozen")]
 pub struct ParsePolicyError(
     /// The name that was given.
     pub String,
@@ -43,11 +63,10 @@ pub struct ParsePolicyError(
 impl FromStr for ClockPolicy {
     type Err = ParsePolicyError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "wallclock" => Ok(ClockPolicy::Wallclock),
-            "frozen" => Ok(ClockPolicy::Frozen),
-            other => Err(ParsePolicyError(other.to_string())),
-        }
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| ParsePolicyError(s.to_string()))
     }
 }
 
@@ -64,10 +83,18 @@ mod tests {
             assert_eq!(serde_json::from_str::<ClockPolicy>(&json).unwrap(), p);
         }
         assert_eq!(ClockPolicy::default(), ClockPolicy::Wallclock);
-        let err = "Frozen".parse::<ClockPolicy>().unwrap_err().to_string();
-        assert!(
-            err.contains("clock policy") && err.contains("Frozen"),
-            "{err}"
-        );
+        for bad in ["Frozen", " frozen", "frozen\n", "", "sometimes"] {
+            let err = bad.parse::<ClockPolicy>().unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!("clock policy: `{bad}` is not one of wallclock, frozen")
+            );
+            let json = serde_json::to_string(bad).unwrap();
+            let err = serde_json::from_str::<ClockPolicy>(&json).unwrap_err();
+            assert!(err
+                .to_string()
+                .starts_with(&format!("clock policy: `{bad}`")));
+        }
+        assert!(serde_json::from_str::<ClockPolicy>("12").is_err());
     }
 }

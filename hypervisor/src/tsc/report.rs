@@ -3,6 +3,7 @@
 use super::plan::{ClockPolicy, ThawPlan};
 use super::vendor::Vendor;
 use serde::{Deserialize, Serialize};
+use std::fmt;
 
 /// The policy a thaw could actually apply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,13 +19,20 @@ pub enum AppliedPolicy {
 }
 
 impl AppliedPolicy {
-    /// The name, as serialized.
+    /// The name serde writes (`wallclock`, `frozen`, `host_tsc`); the first two are the names of
+    /// the [`ClockPolicy`] they apply.
     pub const fn name(self) -> &'static str {
         match self {
-            AppliedPolicy::Wallclock => "wallclock",
-            AppliedPolicy::Frozen => "frozen",
+            AppliedPolicy::Wallclock => ClockPolicy::Wallclock.name(),
+            AppliedPolicy::Frozen => ClockPolicy::Frozen.name(),
             AppliedPolicy::HostTsc => "host_tsc",
         }
+    }
+}
+
+impl fmt::Display for AppliedPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -117,6 +125,15 @@ mod tests {
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["policy_requested"], "frozen");
         assert_eq!(v["policy_applied"], "host_tsc");
+        for p in [
+            AppliedPolicy::Wallclock,
+            AppliedPolicy::Frozen,
+            AppliedPolicy::HostTsc,
+        ] {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.name());
+            assert_eq!(p.to_string(), p.name());
+        }
+        assert_eq!(AppliedPolicy::Frozen.name(), ClockPolicy::Frozen.name());
         assert_eq!(v["vendor"], "amd");
         let back: ClockReport = serde_json::from_value(v).unwrap();
         assert_eq!(back, r);

@@ -24,6 +24,7 @@ pub mod config;
 pub mod http;
 pub mod options;
 mod router;
+pub mod url;
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -63,24 +64,6 @@ pub enum ApiRequest {
     VmSendMigration(SendMigrationConfig),
     /// `PUT /api/v1/vm.receive-migration`: answer when the VM has been received or it failed.
     VmReceiveMigration(ReceiveMigrationConfig),
-}
-
-impl ApiRequest {
-    /// The endpoint name, as in the path (`vm.pause`).
-    pub fn endpoint(&self) -> &'static str {
-        match self {
-            Self::VmmPing => "vmm.ping",
-            Self::VmmShutdown => "vmm.shutdown",
-            Self::VmInfo => "vm.info",
-            Self::VmPause => "vm.pause",
-            Self::VmResume(_) => "vm.resume",
-            Self::VmShutdown => "vm.shutdown",
-            Self::VmSnapshot(_) => "vm.snapshot",
-            Self::VmRestore(_) => "vm.restore",
-            Self::VmSendMigration(_) => "vm.send-migration",
-            Self::VmReceiveMigration(_) => "vm.receive-migration",
-        }
-    }
 }
 
 /// A successful answer.

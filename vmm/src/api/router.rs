@@ -1,8 +1,10 @@
 //! Method + path + body -> [`ApiRequest`]. Pure: no I/O, never panics, fuzzable.
 
+use serde_json::{Map, Value};
+
 use super::config::{
-    parse_body, ReceiveMigrationConfig, RestoreConfig, ResumeConfig, SendMigrationConfig,
-    SnapshotConfig,
+    parse_body, ConfigError, ReceiveMigrationConfig, RestoreConfig, ResumeConfig,
+    SendMigrationConfig, SnapshotConfig,
 };
 use super::{ApiError, ApiRequest};
 
@@ -22,64 +24,56 @@ enum Body {
     Required,
 }
 
+/// A body decoder: the body (`null` where the endpoint takes none) to the request.
+type Decoder = fn(&str, &Value) -> Result<ApiRequest, ConfigError>;
+
 struct Endpoint {
-    name: &'static str,
     method: &'static str,
+    name: &'static str,
     body: Body,
+    decode: Decoder,
 }
 
-const ENDPOINTS: &[Endpoint] = &[
-    Endpoint {
-        name: "vmm.ping",
-        method: "GET",
-        body: Body::Ignored,
-    },
-    Endpoint {
-        name: "vmm.shutdown",
-        method: "PUT",
-        body: Body::None,
-    },
-    Endpoint {
-        name: "vm.info",
-        method: "GET",
-        body: Body::Ignored,
-    },
-    Endpoint {
-        name: "vm.pause",
-        method: "PUT",
-        body: Body::None,
-    },
-    Endpoint {
-        name: "vm.resume",
-        method: "PUT",
-        body: Body::Optional,
-    },
-    Endpoint {
-        name: "vm.shutdown",
-        method: "PUT",
-        body: Body::None,
-    },
-    Endpoint {
-        name: "vm.snapshot",
-        method: "PUT",
-        body: Body::Required,
-    },
-    Endpoint {
-        name: "vm.restore",
-        method: "PUT",
-        body: Body::Required,
-    },
-    Endpoint {
-        name: "vm.send-migration",
-        method: "PUT",
-        body: Body::Required,
-    },
-    Endpoint {
-        name: "vm.receive-migration",
-        method: "PUT",
-        body: Body::Required,
-    },
-];
+/// Builds [`ENDPOINTS`] and [`ApiRequest::endpoint`] from one row per endpoint:
+/// `METHOD "name" Body => Variant` or `=> Variant(Config)` (decoded by `Config::from_value`).
+macro_rules! endpoints {
+    ($($method:ident $name:literal $body:ident => $variant:ident $(($config:ty))?;)*) => {
+        const ENDPOINTS: &[Endpoint] = &[$(Endpoint {
+            method: stringify!($method),
+            name: $name,
+            body: Body::$body,
+            decode: endpoints!(@decode $variant $($config)?),
+        }),*];
+
+        impl ApiRequest {
+            /// The endpoint name, as in the path (`vm.pause`).
+            pub fn endpoint(&self) -> &'static str {
+                match self {
+                    $(ApiRequest::$variant { .. } => $name,)*
+                }
+            }
+        }
+    };
+    (@decode $variant:ident) => {
+        |_, _| Ok(ApiRequest::$variant)
+    };
+    (@decode $variant:ident $config:ty) => {
+        |what, v| Ok(ApiRequest::$variant(<$config>::from_value(what, v)?))
+    };
+}
+
+endpoints! {
+    GET "vmm.ping" Ignored => VmmPing;
+    PUT "vmm.shutdown" None => VmmShutdown;
+    GET "vm.info" Ignored => VmInfo;
+    PUT "vm.pause" None => VmPause;
+    PUT "vm.resume" Optional => VmResume(ResumeConfig);
+    PUT "vm.shutdown" None => VmShutdown;
+    PUT "vm.snapshot" Required => VmSnapshot(SnapshotConfig);
+    PUT "vm.restore" Required => VmRestore(RestoreConfig);
+    PUT "vm.send-migration" Required => VmSendMigration(SendMigrationConfig);
+    PUT "vm.receive-migration" Required => VmReceiveMigration(ReceiveMigrationConfig);
+}
 
 fn endpoint(path: &str) -> Option<&'static Endpoint> {
     let path = path.split_once('?').map_or(path, |(p, _)| p);
@@ -135,44 +129,39 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiErr
         }
         _ => {}
     }
-    let json = || {
-        let v = parse_body(&what, body, ep.body == Body::Optional)?;
-        // An optional body given as JSON `null` means "no options".
-        Ok::<_, ApiError>(match v {
-            serde_json::Value::Null if ep.body == Body::Optional => {
-                serde_json::Value::Object(serde_json::Map::new())
+    let v = match ep.body {
+        Body::Optional | Body::Required => {
+            match parse_body(&what, body, ep.body == Body::Optional)? {
+                // An optional body given as JSON `null` means "no options".
+                Value::Null if ep.body == Body::Optional => Value::Object(Map::new()),
+                v => v,
             }
-            v => v,
-        })
+        }
+        Body::Ignored | Body::None => Value::Null,
     };
-    let req = match ep.name {
-        "vmm.ping" => ApiRequest::VmmPing,
-        "vmm.shutdown" => ApiRequest::VmmShutdown,
-        "vm.info" => ApiRequest::VmInfo,
-        "vm.pause" => ApiRequest::VmPause,
-        "vm.shutdown" => ApiRequest::VmShutdown,
-        "vm.resume" => ApiRequest::VmResume(ResumeConfig::from_value(&what, &json()?)?),
-        "vm.snapshot" => ApiRequest::VmSnapshot(SnapshotConfig::from_value(&what, &json()?)?),
-        "vm.restore" => ApiRequest::VmRestore(RestoreConfig::from_value(&what, &json()?)?),
-        "vm.send-migration" => {
-            ApiRequest::VmSendMigration(SendMigrationConfig::from_value(&what, &json()?)?)
-        }
-        "vm.receive-migration" => {
-            ApiRequest::VmReceiveMigration(ReceiveMigrationConfig::from_value(&what, &json()?)?)
-        }
-        other => {
-            return Err(ApiError::internal(format!(
-                "endpoint {other} has no decoder"
-            )))
-        }
-    };
-    Ok(req)
+    Ok((ep.decode)(&what, &v)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::api::{ClockPolicy, MemoryRestoreMode, MigrationMode, TimeoutStrategy};
+
+    #[test]
+    fn each_request_names_its_row() {
+        let bodies = [
+            ("vm.snapshot", r#"{"destination_url": "file:///s"}"#),
+            ("vm.restore", r#"{"source_url": "file:///s"}"#),
+            ("vm.send-migration", r#"{"destination_url": "unix:/m"}"#),
+            ("vm.receive-migration", r#"{"receiver_url": "unix:/m"}"#),
+        ];
+        for (method, name) in endpoints() {
+            let body = bodies.iter().find(|(n, _)| *n == name).map_or("", |b| b.1);
+            let req = route(method, &format!("{API_ROOT}{name}"), body.as_bytes()).unwrap();
+            assert_eq!(req.endpoint(), name);
+        }
+        assert_eq!(endpoints().count(), 10);
+    }
 
     #[test]
     fn every_endpoint_routes() {

@@ -1,23 +1,24 @@
 //! The files of a snapshot directory and their decoders.
 //!
-//! Every decoder goes through [`Fields`], which walks the JSON value by hand so that an error
-//! names the file and the dotted path of the field (`state.json: vcpus[1].msrs: ...`). Unknown
-//! fields are refused, like the `deny_unknown_fields` of the stored types.
+//! Each file is read into its plain serde form (the private `Raw…` structs here, the
+//! hypervisor's [`RawTscSnapshot`] and [`RawVcpuState`]) through [`crate::decode`], then checked
+//! into the validated types, so that an error names the file and the dotted path of the field
+//! (`state.json: vcpus[1].msrs: ...`). Unknown fields are refused (`deny_unknown_fields`), except
+//! in `config.json`, whose [`VmConfig`] ignores them.
 
 use std::collections::BTreeMap;
 
 use devices::probe::{ProbeState, TimeProbe};
 use devices::serial::SerialDeviceState;
-use hypervisor::arch::{MsrEntry, SpecialRegisters, StandardRegisters, VcpuEvents, Xcr};
 use hypervisor::state::{RawVcpuState, VcpuState, VcpuStateError};
-use hypervisor::tsc::{RawTscSnapshot, StateError, TscSnapshot, TscSource};
-use serde::de::DeserializeOwned;
+use hypervisor::tsc::{RawTscSnapshot, StateError, TscSnapshot};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::error::SnapshotError;
 use super::{CHECKSUMS_FILE, CONFIG_FILE, MEMORY_FILE, STATE_FILE};
 use crate::config::VmConfig;
+use crate::decode::{self, DecodeError};
 
 /// Version of `state.json` written by this build.
 pub const STATE_VERSION: u32 = 1;
@@ -113,6 +114,7 @@ pub(crate) struct StateFile<'a> {
 
 /// One file's entry in `checksums.json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FileSum {
     /// Logical size in bytes.
     pub size: u64,
@@ -129,13 +131,6 @@ pub struct Checksums {
     pub algorithm: String,
     /// Per file.
     pub files: BTreeMap<String, FileSum>,
-}
-
-/// A JSON object being decoded, with the file and path it came from.
-pub(crate) struct Fields<'a> {
-    file: &'static str,
-    path: String,
-    map: &'a Map<String, Value>,
 }
 
 fn join(path: &str, key: &str) -> String {
@@ -166,137 +161,65 @@ pub(crate) fn parse(file: &'static str, bytes: &[u8]) -> Result<Value, SnapshotE
     })
 }
 
-impl<'a> Fields<'a> {
-    pub(crate) fn new(
-        file: &'static str,
-        path: String,
-        v: &'a Value,
-    ) -> Result<Self, SnapshotError> {
-        match v {
-            Value::Object(map) => Ok(Self { file, path, map }),
-            other => Err(invalid(
-                file,
-                if path.is_empty() {
-                    "(top level)".into()
-                } else {
-                    path
-                },
-                format!("expected an object, found {}", kind(other)),
-            )),
-        }
-    }
-
-    fn at(&self, key: &str) -> String {
-        join(&self.path, key)
-    }
-
-    fn err(&self, key: &str, reason: impl ToString) -> SnapshotError {
-        invalid(self.file, self.at(key), reason)
-    }
-
-    fn value(&self, key: &str) -> Result<&'a Value, SnapshotError> {
-        self.map
-            .get(key)
-            .ok_or_else(|| self.err(key, "missing field"))
-    }
-
-    fn req<T: DeserializeOwned>(&self, key: &str) -> Result<T, SnapshotError> {
-        T::deserialize(self.value(key)?).map_err(|e| self.err(key, e))
-    }
-
-    fn opt<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SnapshotError> {
-        match self.map.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => T::deserialize(v).map(Some).map_err(|e| self.err(key, e)),
-        }
-    }
-
-    fn obj(&self, key: &str) -> Result<Fields<'a>, SnapshotError> {
-        Fields::new(self.file, self.at(key), self.value(key)?)
-    }
-
-    fn arr(&self, key: &str) -> Result<&'a [Value], SnapshotError> {
-        match self.value(key)? {
-            Value::Array(a) => Ok(a),
-            other => Err(self.err(key, format!("expected an array, found {}", kind(other)))),
-        }
-    }
-
-    /// Decode an array element by element (errors name `key[i]`).
-    fn vec<T: DeserializeOwned>(&self, key: &str) -> Result<Vec<T>, SnapshotError> {
-        self.arr(key)?
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                T::deserialize(v)
-                    .map_err(|e| invalid(self.file, format!("{}[{i}]", self.at(key)), e))
-            })
-            .collect()
-    }
-
-    fn u32(&self, key: &str) -> Result<u32, SnapshotError> {
-        self.req(key)
-    }
-
-    /// The format version, checked before anything else is decoded.
-    fn version(&self, supported: u32) -> Result<(), SnapshotError> {
-        let v = self.value("version")?;
-        match v.as_u64() {
-            Some(n) if n == u64::from(supported) => Ok(()),
-            Some(n) => Err(SnapshotError::Version {
-                file: self.file,
-                found: n,
-                supported,
-            }),
-            None => Err(self.err("version", format!("expected an integer, found {}", kind(v)))),
-        }
-    }
-
-    /// Refuse fields other than `known`.
-    fn only(&self, known: &[&str]) -> Result<(), SnapshotError> {
-        match self.map.keys().find(|k| !known.contains(&k.as_str())) {
-            Some(k) => Err(self.err(
-                k,
-                format!("unknown field (expected one of: {})", known.join(", ")),
-            )),
-            None => Ok(()),
-        }
-    }
+/// Decodes `file`'s plain form; an error names the file and the field.
+fn read<'de, T: Deserialize<'de>>(file: &'static str, v: &'de Value) -> Result<T, SnapshotError> {
+    decode::from_value(v).map_err(|e: DecodeError| {
+        let field = if e.path.is_empty() {
+            "(top level)".to_string()
+        } else {
+            e.path
+        };
+        invalid(file, field, e.problem)
+    })
 }
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+/// The format version, checked before anything else is decoded.
+fn check_version(file: &'static str, v: &Value, supported: u32) -> Result<(), SnapshotError> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: u64,
     }
+    let found = read::<Versioned>(file, v)?.version;
+    if found != u64::from(supported) {
+        return Err(SnapshotError::Version {
+            file,
+            found,
+            supported,
+        });
+    }
+    Ok(())
 }
 
 /// `config.json`: the VM configuration.
 pub(crate) fn decode_config(bytes: &[u8]) -> Result<VmConfig, SnapshotError> {
-    let v = parse(CONFIG_FILE, bytes)?;
-    let f = Fields::new(CONFIG_FILE, String::new(), &v)?;
-    match VmConfig::deserialize(&v) {
-        Ok(c) => Ok(c),
-        Err(e) => {
-            // Name the field: substitute each given field into a valid configuration until one
-            // makes it fail.
-            let good = serde_json::to_value(VmConfig::default()).unwrap_or(Value::Null);
-            if let Value::Object(base) = good {
-                for (k, val) in f.map {
-                    let mut m = base.clone();
-                    m.insert(k.clone(), val.clone());
-                    if let Err(e) = VmConfig::deserialize(&Value::Object(m)) {
-                        return Err(f.err(k, e));
-                    }
-                }
-            }
-            Err(invalid(CONFIG_FILE, "(top level)", e))
-        }
-    }
+    read(CONFIG_FILE, &parse(CONFIG_FILE, bytes)?)
+}
+
+/// `state.json` as read, before any check.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStateFile {
+    #[allow(dead_code)] // Checked by `check_version` first.
+    version: u32,
+    tsc: RawTscSnapshot,
+    vcpus: Vec<RawVcpuState>,
+    devices: RawDeviceStates,
+    memory: RawMemoryLayout,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeviceStates {
+    serial: SerialDeviceState,
+    probe: ProbeState,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMemoryLayout {
+    size: u64,
+    file: String,
+    regions: Vec<MemoryRegionEntry>,
 }
 
 fn vcpu_error(path: &str, e: VcpuStateError) -> SnapshotError {
@@ -308,27 +231,6 @@ fn vcpu_error(path: &str, e: VcpuStateError) -> SnapshotError {
     let text = e.to_string();
     let reason = text.split_once(": ").map_or(text.as_str(), |(_, r)| r);
     invalid(STATE_FILE, join(path, field), reason)
-}
-
-fn decode_vcpu(f: &Fields<'_>) -> Result<VcpuState, SnapshotError> {
-    f.only(&[
-        "version", "id", "regs", "sregs", "msrs", "lapic", "xsave", "xcrs", "events", "mp_state",
-        "nested",
-    ])?;
-    let raw = RawVcpuState {
-        version: f.u32("version")?,
-        id: f.u32("id")?,
-        regs: f.req::<StandardRegisters>("regs")?,
-        sregs: f.req::<SpecialRegisters>("sregs")?,
-        msrs: f.vec::<MsrEntry>("msrs")?,
-        lapic: f.opt("lapic")?,
-        xsave: f.opt("xsave")?,
-        xcrs: f.opt::<Vec<Xcr>>("xcrs")?,
-        events: f.opt::<VcpuEvents>("events")?,
-        mp_state: f.opt("mp_state")?,
-        nested: f.opt("nested")?,
-    };
-    VcpuState::try_from(raw).map_err(|e| vcpu_error(&f.path, e))
 }
 
 fn tsc_error(path: &str, e: StateError) -> SnapshotError {
@@ -353,61 +255,42 @@ fn tsc_error(path: &str, e: StateError) -> SnapshotError {
     )
 }
 
-fn decode_tsc(f: &Fields<'_>) -> Result<TscSnapshot, SnapshotError> {
-    f.only(&[
-        "version",
-        "tsc_khz",
-        "vm_tsc",
-        "tsc_adjust",
-        "kvmclock_ns",
-        "realtime_ns",
-        "tsc_stable",
-        "source",
-    ])?;
-    let raw = RawTscSnapshot {
-        version: f.u32("version")?,
-        tsc_khz: f.u32("tsc_khz")?,
-        vm_tsc: f.req("vm_tsc")?,
-        tsc_adjust: f.vec("tsc_adjust")?,
-        kvmclock_ns: f.req("kvmclock_ns")?,
-        realtime_ns: f.req("realtime_ns")?,
-        tsc_stable: f.req("tsc_stable")?,
-        source: f.req::<TscSource>("source")?,
-    };
-    TscSnapshot::try_from(raw).map_err(|e| tsc_error(&f.path, e))
+impl TryFrom<RawDeviceStates> for DeviceStates {
+    type Error = SnapshotError;
+    fn try_from(raw: RawDeviceStates) -> Result<Self, SnapshotError> {
+        // The probe's own checks (version, vCPU count, queue lengths).
+        TimeProbe::restore(raw.probe.clone())
+            .map_err(|e| invalid(STATE_FILE, "devices.probe", e))?;
+        Ok(DeviceStates {
+            serial: raw.serial,
+            probe: raw.probe,
+        })
+    }
 }
 
-fn decode_devices(f: &Fields<'_>) -> Result<DeviceStates, SnapshotError> {
-    f.only(&["serial", "probe"])?;
-    let serial: SerialDeviceState = f.req("serial")?;
-    let probe: ProbeState = f.req("probe")?;
-    // The probe's own checks (version, vCPU count, queue lengths).
-    TimeProbe::restore(probe.clone()).map_err(|e| f.err("probe", e))?;
-    Ok(DeviceStates { serial, probe })
-}
-
-fn decode_memory(f: &Fields<'_>) -> Result<MemoryLayout, SnapshotError> {
-    f.only(&["size", "file", "regions"])?;
-    let size: u64 = f.req("size")?;
-    let file: String = f.req("file")?;
-    if file != MEMORY_FILE {
-        return Err(f.err(
-            "file",
-            format!("{file:?}: this build reads only {MEMORY_FILE:?}"),
-        ));
+impl TryFrom<RawMemoryLayout> for MemoryLayout {
+    type Error = SnapshotError;
+    fn try_from(raw: RawMemoryLayout) -> Result<Self, SnapshotError> {
+        let err = |field: &str, reason: String| invalid(STATE_FILE, join("memory", field), reason);
+        if raw.file != MEMORY_FILE {
+            return Err(err(
+                "file",
+                format!("{:?}: this build reads only {MEMORY_FILE:?}", raw.file),
+            ));
+        }
+        let size = raw.size;
+        let expected = MemoryLayout::for_size(size).map_err(|e| err("size", e))?;
+        if raw.regions != expected.regions {
+            return Err(err(
+                "regions",
+                format!(
+                    "do not match the guest memory layout for {size} bytes (expected {:?})",
+                    expected.regions
+                ),
+            ));
+        }
+        Ok(expected)
     }
-    let regions: Vec<MemoryRegionEntry> = f.vec("regions")?;
-    let expected = MemoryLayout::for_size(size).map_err(|e| f.err("size", e))?;
-    if regions != expected.regions {
-        return Err(f.err(
-            "regions",
-            format!(
-                "do not match the guest memory layout for {size} bytes (expected {:?})",
-                expected.regions
-            ),
-        ));
-    }
-    Ok(expected)
 }
 
 /// `state.json`, decoded and checked against the configuration.
@@ -416,14 +299,12 @@ pub(crate) fn decode_state(
     config: &VmConfig,
 ) -> Result<(VmState, MemoryLayout), SnapshotError> {
     let v = parse(STATE_FILE, bytes)?;
-    let f = Fields::new(STATE_FILE, String::new(), &v)?;
-    f.version(STATE_VERSION)?;
-    f.only(&["version", "tsc", "vcpus", "devices", "memory"])?;
-    let tsc = decode_tsc(&f.obj("tsc")?)?;
-    let mut vcpus = Vec::new();
-    for (i, v) in f.arr("vcpus")?.iter().enumerate() {
-        let vf = Fields::new(STATE_FILE, format!("vcpus[{i}]"), v)?;
-        let s = decode_vcpu(&vf)?;
+    check_version(STATE_FILE, &v, STATE_VERSION)?;
+    let raw: RawStateFile = read(STATE_FILE, &v)?;
+    let tsc = TscSnapshot::try_from(raw.tsc).map_err(|e| tsc_error("tsc", e))?;
+    let mut vcpus = Vec::with_capacity(raw.vcpus.len());
+    for (i, r) in raw.vcpus.into_iter().enumerate() {
+        let s = VcpuState::try_from(r).map_err(|e| vcpu_error(&format!("vcpus[{i}]"), e))?;
         if s.id as usize != i {
             return Err(invalid(
                 STATE_FILE,
@@ -433,8 +314,8 @@ pub(crate) fn decode_state(
         }
         vcpus.push(s);
     }
-    let devices = decode_devices(&f.obj("devices")?)?;
-    let memory = decode_memory(&f.obj("memory")?)?;
+    let devices = DeviceStates::try_from(raw.devices)?;
+    let memory = MemoryLayout::try_from(raw.memory)?;
 
     // Cross-checks with config.json.
     let n = config.cpus.boot_vcpus as usize;
@@ -479,40 +360,62 @@ pub(crate) fn decode_state(
     ))
 }
 
+/// `checksums.json` as read, before any check.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawChecksums {
+    #[allow(dead_code)] // Checked by `check_version` first.
+    version: u32,
+    algorithm: String,
+    files: BTreeMap<String, FileSum>,
+}
+
+impl TryFrom<RawChecksums> for Checksums {
+    type Error = SnapshotError;
+    fn try_from(raw: RawChecksums) -> Result<Self, SnapshotError> {
+        let err = |field: String, reason: String| invalid(CHECKSUMS_FILE, field, reason);
+        let algorithm = raw.algorithm;
+        if algorithm != super::hash::ALGORITHM {
+            return Err(err(
+                "algorithm".into(),
+                format!(
+                    "{algorithm:?}: this build checks only {:?}",
+                    super::hash::ALGORITHM
+                ),
+            ));
+        }
+        let names = [CONFIG_FILE, STATE_FILE, MEMORY_FILE];
+        for name in names {
+            match raw.files.get(name) {
+                None => return Err(err(format!("files.{name}"), "missing field".into())),
+                Some(sum)
+                    if sum.hg64.len() != 16 || !sum.hg64.bytes().all(|b| b.is_ascii_hexdigit()) =>
+                {
+                    return Err(err(
+                        format!("files.{name}.hg64"),
+                        format!("{:?} is not 16 hex digits", sum.hg64),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(other) = raw.files.keys().find(|k| !names.contains(&k.as_str())) {
+            return Err(err(
+                format!("files.{other}"),
+                format!("unknown field (expected one of: {})", names.join(", ")),
+            ));
+        }
+        Ok(Checksums {
+            version: CHECKSUMS_VERSION,
+            algorithm,
+            files: raw.files,
+        })
+    }
+}
+
 /// `checksums.json`.
 pub(crate) fn decode_checksums(bytes: &[u8]) -> Result<Checksums, SnapshotError> {
     let v = parse(CHECKSUMS_FILE, bytes)?;
-    let f = Fields::new(CHECKSUMS_FILE, String::new(), &v)?;
-    f.version(CHECKSUMS_VERSION)?;
-    f.only(&["version", "algorithm", "files"])?;
-    let algorithm: String = f.req("algorithm")?;
-    if algorithm != super::hash::ALGORITHM {
-        return Err(f.err(
-            "algorithm",
-            format!(
-                "{algorithm:?}: this build checks only {:?}",
-                super::hash::ALGORITHM
-            ),
-        ));
-    }
-    let files_f = f.obj("files")?;
-    let mut files = BTreeMap::new();
-    for name in [CONFIG_FILE, STATE_FILE, MEMORY_FILE] {
-        let e = files_f.obj(name)?;
-        e.only(&["size", "hg64"])?;
-        let sum = FileSum {
-            size: e.req("size")?,
-            hg64: e.req("hg64")?,
-        };
-        if sum.hg64.len() != 16 || !sum.hg64.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(e.err("hg64", format!("{:?} is not 16 hex digits", sum.hg64)));
-        }
-        files.insert(name.to_string(), sum);
-    }
-    files_f.only(&[CONFIG_FILE, STATE_FILE, MEMORY_FILE])?;
-    Ok(Checksums {
-        version: CHECKSUMS_VERSION,
-        algorithm,
-        files,
-    })
+    check_version(CHECKSUMS_FILE, &v, CHECKSUMS_VERSION)?;
+    read::<RawChecksums>(CHECKSUMS_FILE, &v)?.try_into()
 }
