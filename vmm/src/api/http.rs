@@ -1,5 +1,8 @@
 //! The HTTP/1.1 server: a Unix socket, one accepting thread, a pool of connection threads (at
 //! most [`ServerLimits::max_connections`] connections at once), one request per connection.
+//! At the limit, the connection that has waited longest without sending its request is cut,
+//! so clients that connect and send nothing (any number of them) never hold off one that
+//! sends a request; connections being answered are never cut.
 //!
 //! The connection threads are kept: [`KEPT_WORKERS`] of them wait for the next connection for
 //! as long as the server runs, more are started only while that many are busy, and those exit
@@ -102,7 +105,8 @@ pub struct ServerLimits {
     pub read_timeout: Duration,
     /// Time allowed to write the response.
     pub write_timeout: Duration,
-    /// Connections handled at once; further ones wait in the socket's backlog.
+    /// Connections handled at once. Beyond it the oldest connection still waiting for its
+    /// request is cut; when every slot is answering a request, new ones wait in the backlog.
     pub max_connections: usize,
     /// How long [`ApiServer::shutdown`] waits for requests in progress to be answered.
     pub drain_timeout: Duration,
@@ -121,6 +125,11 @@ impl Default for ServerLimits {
     }
 }
 
+/// How long the accept thread waits for a shed connection's slot before shedding another.
+const SHED_WAIT: Duration = Duration::from_millis(50);
+/// How long it waits when every slot is answering a request before looking again.
+const FULL_WAIT: Duration = Duration::from_millis(200);
+
 /// Connection threads that wait for work for as long as the server runs.
 pub const KEPT_WORKERS: usize = 2;
 /// How long a connection thread beyond [`KEPT_WORKERS`] waits for work before it exits.
@@ -136,11 +145,16 @@ struct Shared {
     queue: Mutex<WorkQueue>,
     /// Signalled when a connection is queued, and at stop.
     work: Condvar,
+    /// Connections still receiving their request (queued or being read), oldest first, with a
+    /// handle to cut them: at [`ServerLimits::max_connections`] the oldest is shed, so that
+    /// clients that connect and send nothing never hold off one that sends a request.
+    receiving: Mutex<VecDeque<(u64, UnixStream)>>,
 }
 
 #[derive(Default)]
 struct WorkQueue {
-    streams: VecDeque<UnixStream>,
+    /// Accepted connections and their ids (in accept order).
+    streams: VecDeque<(u64, UnixStream)>,
     /// Connection threads alive.
     workers: usize,
     /// Connection threads waiting for work.
@@ -148,6 +162,26 @@ struct WorkQueue {
 }
 
 impl Shared {
+    fn receiving(&self) -> MutexGuard<'_, VecDeque<(u64, UnixStream)>> {
+        self.receiving.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The connection `id` has its request (or is gone): it can no longer be shed.
+    fn received(&self, id: u64) {
+        self.receiving().retain(|(i, _)| *i != id);
+    }
+
+    /// Cut the connection that has waited longest for its request; false if none is waiting
+    /// (every connection is being answered).
+    fn shed_oldest(&self) -> bool {
+        let Some((id, s)) = self.receiving().pop_front() else {
+            return false;
+        };
+        info!("API: at the connection limit; dropping connection {id}, which sent no request yet");
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        true
+    }
+
     fn active(&self) -> MutexGuard<'_, usize> {
         // A poisoned counter is still a counter.
         self.active.lock().unwrap_or_else(|p| p.into_inner())
@@ -207,6 +241,7 @@ pub fn start_api_server_with_limits(
         changed: Condvar::new(),
         queue: Mutex::new(WorkQueue::default()),
         work: Condvar::new(),
+        receiving: Mutex::new(VecDeque::new()),
     });
     // The kept connection threads start now, not on the first request.
     for _ in 0..KEPT_WORKERS {
@@ -399,6 +434,7 @@ fn short_slice() {
 fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
     crate::seccomp::enter(crate::seccomp::ThreadKind::Api);
     short_slice();
+    let mut seq = 0u64;
     for stream in listener.incoming() {
         if shared.stop.load(Ordering::SeqCst) {
             break;
@@ -412,22 +448,35 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        // At the limit: shed the connection that has waited longest without sending its
+        // request, and take this one as soon as a slot frees; if every slot is answering a
+        // request, wait for one to finish.
         {
-            let active = shared.active();
-            let mut active = shared
-                .changed
-                .wait_while(active, |n| {
-                    *n >= shared.limits.max_connections && !shared.stop.load(Ordering::SeqCst)
-                })
-                .unwrap_or_else(|p| p.into_inner());
+            let mut active = shared.active();
+            while *active >= shared.limits.max_connections && !shared.stop.load(Ordering::SeqCst) {
+                drop(active);
+                let shed = shared.shed_oldest();
+                active = shared.active();
+                let wait = if shed { SHED_WAIT } else { FULL_WAIT };
+                active = shared
+                    .changed
+                    .wait_timeout(active, wait)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
             if shared.stop.load(Ordering::SeqCst) {
                 break;
             }
             *active += 1;
         }
+        seq += 1;
+        match stream.try_clone() {
+            Ok(handle) => shared.receiving().push_back((seq, handle)),
+            Err(e) => debug!("API connection {seq} cannot be shed: {e}"),
+        }
         let need_worker = {
             let mut q = shared.queue();
-            q.streams.push_back(stream);
+            q.streams.push_back((seq, stream));
             shared.work.notify_one();
             q.idle < q.streams.len()
         };
@@ -436,10 +485,13 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
                 warn!("cannot start an API connection thread: {e}");
                 // Without a thread for it, answer nothing: drop the newest connection.
                 let mut q = shared.queue();
-                if q.workers == 0 && q.streams.pop_back().is_some() {
-                    drop(q);
-                    *shared.active() -= 1;
-                    shared.changed.notify_all();
+                if q.workers == 0 {
+                    if let Some((id, _)) = q.streams.pop_back() {
+                        drop(q);
+                        shared.received(id);
+                        *shared.active() -= 1;
+                        shared.changed.notify_all();
+                    }
                 }
             }
         }
@@ -492,9 +544,11 @@ fn worker_loop(shared: &Shared) {
             }
         };
         // The handler's own panics are caught inside; this guards the census against the rest.
-        if panic::catch_unwind(AssertUnwindSafe(|| serve_connection(stream, shared))).is_err() {
+        let (id, stream) = stream;
+        if panic::catch_unwind(AssertUnwindSafe(|| serve_connection(id, stream, shared))).is_err() {
             warn!("API connection thread: serving a connection panicked");
         }
+        shared.received(id);
         *shared.active() -= 1;
         shared.changed.notify_all();
     }
@@ -672,9 +726,12 @@ fn read_request(stream: &mut UnixStream, limits: &ServerLimits) -> Incoming {
     Incoming::Request { method, path, body }
 }
 
-fn serve_connection(mut stream: UnixStream, shared: &Shared) {
+fn serve_connection(id: u64, mut stream: UnixStream, shared: &Shared) {
     let limits = &shared.limits;
-    let response = match read_request(&mut stream, limits) {
+    let incoming = read_request(&mut stream, limits);
+    // From here on the connection is being answered, not waiting: never shed.
+    shared.received(id);
+    let response = match incoming {
         Incoming::Hangup => return,
         Incoming::Reject(e) => error_response(&e, None),
         Incoming::Request { method, path, body } => match route(&method, &path, &body) {
