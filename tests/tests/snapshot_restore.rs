@@ -146,12 +146,12 @@ fn the_same_snapshot_restores_twice_and_is_never_modified() {
     let mut a = restore_cli(
         "twice-a",
         &g.dir,
-        "resume=true,memory_restore_mode=map_private",
+        "resume=true,memory_restore_mode=ondemand",
     );
     let info = a.info();
     assert_eq!(info["state"], "Running");
     assert_eq!(
-        info["clock"]["restored_from"]["memory_mode"], "MapPrivate",
+        info["clock"]["restored_from"]["memory_mode"], "OnDemand",
         "{}",
         info["clock"]
     );

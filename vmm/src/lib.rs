@@ -135,12 +135,12 @@ pub fn snapshot_error_status(e: &VmError) -> u16 {
 }
 
 /// The memory backing a restore asks for: Cloud Hypervisor's `Copy` copies (the snapshot may
-/// be deleted afterwards); `OnDemand` (pages brought in as the guest touches them) and the
-/// Hourglass extension `MapPrivate` map `memory.bin` copy-on-write.
+/// be deleted afterwards); `OnDemand` (pages brought in as the guest touches them) maps
+/// `memory.bin` copy-on-write.
 pub fn memory_mode_from_api(m: MemoryRestoreMode) -> MemoryMode {
     match m {
         MemoryRestoreMode::Copy => MemoryMode::Copy,
-        MemoryRestoreMode::OnDemand | MemoryRestoreMode::MapPrivate => MemoryMode::MapPrivate,
+        MemoryRestoreMode::OnDemand => MemoryMode::MapPrivate,
     }
 }
 

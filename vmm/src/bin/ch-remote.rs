@@ -49,7 +49,7 @@ enum Command {
     },
     /// Restore VM from a snapshot
     Restore {
-        /// "source_url=file:///<dir>[,prefault=on|off][,memory_restore_mode=copy|ondemand|map_private]
+        /// "source_url=file:///<dir>[,prefault=on|off][,memory_restore_mode=copy|ondemand]
         /// [,resume=true|false][,clock_policy=wallclock|frozen]"
         restore_config: String,
     },

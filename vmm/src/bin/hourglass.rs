@@ -59,7 +59,9 @@ struct Cli {
     serial: Option<devices::SerialOutput>,
     /// Restore a VM from a snapshot instead of booting one; it comes up paused unless
     /// resume=true. Options: source_url=file:///DIR, resume=true|false,
-    /// memory_restore_mode=copy|ondemand|map_private, clock_policy=wallclock|frozen
+    /// memory_restore_mode=copy|ondemand (Cloud Hypervisor's: copy reads all of memory.bin before
+    /// the VM runs; ondemand maps it copy-on-write, pages read as the guest touches them, and the
+    /// snapshot must stay in place), clock_policy=wallclock|frozen
     #[arg(
         long,
         value_name = "source_url=file:///DIR[,resume=true][,clock_policy=wallclock|frozen]",

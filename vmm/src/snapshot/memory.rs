@@ -33,8 +33,10 @@ pub enum MemoryMode {
     /// size, pages are read when the guest first touches them, and the guest's writes never
     /// reach the file. The file must stay in place (unmodified) while the VM runs; deleting it
     /// is harmless but frees no space until the VM exits. This is Cloud Hypervisor's
-    /// `OnDemand` semantics (lazy paging, snapshot kept) by a different mechanism.
+    /// `OnDemand` semantics (lazy paging, snapshot kept) by a different mechanism, and is
+    /// shown by that name.
     #[default]
+    #[serde(rename = "OnDemand")]
     MapPrivate,
     /// Read all of `memory.bin` into anonymous memory (Cloud Hypervisor's `Copy`): cost
     /// proportional to the data, and the snapshot may be deleted once the restore returns.

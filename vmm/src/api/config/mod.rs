@@ -131,13 +131,12 @@ pub enum MemoryRestoreMode {
     /// Cloud Hypervisor): the snapshot may be deleted once the restore returns.
     #[default]
     Copy,
-    /// Pages are brought in when the guest touches them (Cloud Hypervisor does it with
-    /// userfaultfd; Hourglass maps `memory.bin` copy-on-write, as for `MapPrivate`). The snapshot
-    /// must stay in place while the VM runs.
+    /// Pages are brought in when the guest touches them. Cloud Hypervisor does it with
+    /// userfaultfd; Hourglass maps `memory.bin` copy-on-write (`MAP_PRIVATE`), so the restore
+    /// costs the same for any RAM size and the guest's writes never reach the snapshot. The
+    /// snapshot must stay in place, unmodified, while the VM runs. (`MapPrivate`, the name an
+    /// earlier Hourglass used, is still accepted for it.)
     OnDemand,
-    /// Hourglass extension: map `memory.bin` `MAP_PRIVATE` (copy-on-write): restore time does
-    /// not grow with RAM size and the guest's writes never reach the snapshot.
-    MapPrivate,
 }
 
 impl TryFrom<String> for MemoryRestoreMode {
@@ -149,11 +148,11 @@ impl TryFrom<String> for MemoryRestoreMode {
             ("OnDemand", OnDemand),
             ("on_demand", OnDemand),
             ("on-demand", OnDemand),
-            ("MapPrivate", MapPrivate),
-            ("map_private", MapPrivate),
-            ("map-private", MapPrivate),
+            ("MapPrivate", OnDemand),
+            ("map_private", OnDemand),
+            ("map-private", OnDemand),
         ];
-        by_name(&s, &names, "Copy, OnDemand, MapPrivate")
+        by_name(&s, &names, "Copy, OnDemand")
     }
 }
 
@@ -355,7 +354,7 @@ impl SnapshotConfig {
 
 impl RestoreConfig {
     /// Builds from Cloud Hypervisor's syntax:
-    /// `source_url=file:///dir[,prefault=on|off][,memory_restore_mode=copy|ondemand|map_private]`
+    /// `source_url=file:///dir[,prefault=on|off][,memory_restore_mode=copy|ondemand]`
     /// `[,resume=true|false][,clock_policy=wallclock|frozen]`.
     pub fn from_options(s: &str) -> Result<Self, ConfigError> {
         use options::Kind;
@@ -455,14 +454,11 @@ mod tests {
         );
         // Cloud Hypervisor's own enums keep their case-insensitive names.
         let c = restore(json!({"source_url": "file:///s", "memory_restore_mode": "map_private"}));
-        assert_eq!(
-            c.unwrap().memory_restore_mode,
-            MemoryRestoreMode::MapPrivate
-        );
+        assert_eq!(c.unwrap().memory_restore_mode, MemoryRestoreMode::OnDemand);
         let e = restore(json!({"source_url": "file:///s", "memory_restore_mode": "Lazy"}));
         assert_eq!(
             e.unwrap_err().to_string(),
-            "vm.restore body: field `memory_restore_mode`: `Lazy` is not one of Copy, OnDemand, MapPrivate"
+            "vm.restore body: field `memory_restore_mode`: `Lazy` is not one of Copy, OnDemand"
         );
     }
 
