@@ -245,4 +245,15 @@ fn hundred_cycles() {
     assert_eq!(info["pause_stats"]["pauses"], 100);
     assert_eq!(info["pause_stats"]["resumes"], 100);
     assert!(h.serial_text().contains("heartbeat"));
+    // A clock warning (a host that ignores offsets warns at every thaw) is logged once per VM,
+    // not once per resume: with --serial tty it would land in the guest's console.
+    let stderr = h.stderr();
+    let clock_warnings = stderr
+        .lines()
+        .filter(|l| l.contains(" WARN ") && l.contains("clock: "))
+        .count();
+    assert!(
+        clock_warnings <= 1,
+        "{clock_warnings} clock warnings:\n{stderr}"
+    );
 }

@@ -351,6 +351,10 @@ pub fn write(
         }
         guard.0 = None;
         fsync_dir(&parent)?;
+        log::info!(
+            "replaced the snapshot in {} (the old one was kept until the new one was complete)",
+            dest.display()
+        );
         // The new snapshot is in place: failing to delete the old one is worth a warning only.
         if let Err(e) = std::fs::remove_dir_all(&old) {
             log::warn!("cannot remove the replaced snapshot {}: {e}", old.display());

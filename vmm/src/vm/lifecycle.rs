@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use hypervisor::tsc::{Capture, ClockPolicy, ClockReport, ThawOrigin};
 use hypervisor::Vcpu;
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use super::{hv_err, ns, RunState, Vm, VmError};
 
@@ -119,7 +119,14 @@ impl Vm {
         };
         let thaw = t0.elapsed();
         for w in &report.warnings {
-            warn!("clock: {w}");
+            // Once per VM for each kind of warning (the same text but its numbers): a host that
+            // ignores offsets says so at every resume, and with `--serial tty` each line would
+            // land in the guest's console. vm.info's `clock.warnings` keeps the latest.
+            if self.warned.insert(warning_kind(w)) {
+                warn!("clock: {w} (said once per VM; see vm.info clock.warnings)");
+            } else {
+                debug!("clock: {w}");
+            }
         }
         if report.policy_applied.name() != policy.name() {
             info!(
@@ -140,5 +147,26 @@ impl Vm {
         self.stats.last_resume_ns = ns(t0.elapsed());
         info!("resumed: time thawed in {thaw:?}, vCPUs released in {unpark:?}");
         Ok(self.last_report.as_ref().expect("set above"))
+    }
+}
+
+/// A warning without its numbers: what makes two warnings the same kind.
+fn warning_kind(w: &str) -> String {
+    w.chars().filter(|c| !c.is_ascii_digit()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::warning_kind;
+
+    #[test]
+    fn warnings_differing_only_in_numbers_are_one_kind() {
+        let a = "host ignores TSC offsets: kvmclock advanced 3843881 ns to agree";
+        let b = "host ignores TSC offsets: kvmclock advanced 29 ns to agree";
+        assert_eq!(warning_kind(a), warning_kind(b));
+        assert_ne!(
+            warning_kind(a),
+            warning_kind("kvmclock disagrees with the TSC by 5 ns")
+        );
     }
 }

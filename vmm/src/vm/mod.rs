@@ -93,6 +93,8 @@ pub struct Vm {
     last_report: Option<ClockReport>,
     stats: PauseStats,
     warnings: Vec<String>,
+    /// Kinds of clock warnings already logged ([`lifecycle`]: once per VM each).
+    warned: std::collections::HashSet<String>,
     /// What this VM was restored from (shown in `vm.info`).
     restored_from: Option<RestoredFrom>,
     /// The restored vCPU states until the first resume: snapshotting a restored VM that never

@@ -277,6 +277,7 @@ impl Vm {
             last_report: None,
             stats: PauseStats::default(),
             warnings,
+            warned: Default::default(),
             restored_from: None,
             restored_vcpus: None,
         })
