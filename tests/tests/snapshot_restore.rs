@@ -319,3 +319,37 @@ fn a_restored_paused_vm_snapshots_again() {
     assert!(b.wait_exit(Duration::from_secs(10)).success());
     let _ = std::fs::remove_dir_all(again.parent().unwrap());
 }
+
+/// A VM restored `ondemand` reads its memory from the snapshot's `memory.bin` as the guest
+/// touches it; truncating that file under the running VM must end the VMM with a non-zero exit
+/// that names the file, not a clean exit reported as a guest shutdown (nor a bare "Bus error").
+#[test]
+fn a_backing_file_cut_under_an_ondemand_vm_is_named_with_a_nonzero_exit() {
+    let _x = exclusive();
+    if skip("a_backing_file_cut_under_an_ondemand_vm_is_named_with_a_nonzero_exit") {
+        return;
+    }
+    let g = golden();
+    let copy = copy_snapshot(&g.dir, "cut-backing");
+    let mut h = restore_cli(
+        "cut-backing",
+        &copy,
+        "resume=true,memory_restore_mode=ondemand",
+    );
+    wait_healthy(&mut h, 2);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(copy.join("memory.bin"))
+        .and_then(|f| f.set_len(0))
+        .expect("truncate memory.bin");
+    let st = h.wait_exit(Duration::from_secs(20));
+    let err = h.stderr();
+    assert!(
+        !st.success(),
+        "the VMM exited {st} after its memory file was cut:\n{err}"
+    );
+    assert!(
+        err.contains("memory.bin") && err.contains("truncated"),
+        "the cause is not named:\n{err}"
+    );
+}

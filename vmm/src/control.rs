@@ -132,6 +132,11 @@ impl Controller {
                     break 0;
                 }
                 Ok(Control::Event(VmmEvent::Vm(ev))) => {
+                    // A guest stopped by memory it could not read is no guest shutdown.
+                    if let Some(why) = service.vmm().and_then(|v| v.vm().memory_backing_problem()) {
+                        error!("VM stopped ({ev:?}): {why}");
+                        break 1;
+                    }
                     warn!("VM stopped: {ev:?}");
                     break match ev {
                         VmEvent::VcpuError(..) => 1,

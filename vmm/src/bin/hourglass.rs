@@ -163,6 +163,7 @@ fn run(cli: Cli) -> Result<()> {
         seccomp::install_sigsys_handler()?;
     }
     vmm::signal::install_vcpu_kick_handler().context("cannot install the vCPU kick signal")?;
+    vmm::signal::install_sigbus_handler().context("cannot install the SIGBUS report")?;
     let exit_evt =
         vmm::signal::install_exit_handlers().context("cannot install SIGINT/SIGTERM handlers")?;
     let controller = Controller::new();

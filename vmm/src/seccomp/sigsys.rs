@@ -6,6 +6,7 @@ use std::cell::Cell;
 use libc::{c_int, c_void, siginfo_t};
 
 use super::{SeccompError, ThreadKind};
+use crate::signal::SigBuf;
 
 thread_local! {
     /// The thread's name for the SIGSYS report (fixed size: read from a signal handler).
@@ -21,52 +22,6 @@ pub(super) fn remember_thread_name(kind: ThreadKind) {
     THREAD_NAME.with(|c| c.set(buf));
 }
 
-/// A fixed buffer that a signal handler can format into.
-struct SigBuf {
-    buf: [u8; 160],
-    len: usize,
-}
-
-impl SigBuf {
-    fn push(&mut self, s: &[u8]) {
-        for &b in s {
-            if self.len < self.buf.len() {
-                self.buf[self.len] = b;
-                self.len += 1;
-            }
-        }
-    }
-
-    fn push_dec(&mut self, mut v: u64) {
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        self.push(&digits[i..]);
-    }
-
-    fn push_hex(&mut self, mut v: u64) {
-        let mut digits = [0u8; 16];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b"0123456789abcdef"[(v & 0xf) as usize];
-            v >>= 4;
-            if v == 0 {
-                break;
-            }
-        }
-        self.push(b"0x");
-        self.push(&digits[i..]);
-    }
-}
-
 /// Offset of `si_syscall` in a SIGSYS `siginfo_t` (x86_64: after signo, errno, code, padding
 /// and `si_call_addr`).
 const SI_SYSCALL_OFFSET: usize = 24;
@@ -77,10 +32,7 @@ extern "C" fn sigsys_handler(_: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
     let nr = unsafe {
         std::ptr::read_unaligned((info as *const u8).add(SI_SYSCALL_OFFSET).cast::<i32>())
     };
-    let mut out = SigBuf {
-        buf: [0; 160],
-        len: 0,
-    };
+    let mut out = SigBuf::new();
     out.push(b"hourglass: seccomp: thread ");
     let mut name = THREAD_NAME.with(|c| c.get());
     if name[0] == 0 {
@@ -111,7 +63,7 @@ extern "C" fn sigsys_handler(_: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
     // buffer is a live local. SIGSYS is reset to its default action (end the process), raised
     // (pending while the handler runs) and unblocked, so the process ends by SIGSYS.
     unsafe {
-        libc::write(2, out.buf.as_ptr().cast(), out.len);
+        libc::write(2, out.bytes().as_ptr().cast(), out.bytes().len());
         libc::signal(libc::SIGSYS, libc::SIG_DFL);
         libc::raise(libc::SIGSYS);
         let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();

@@ -584,6 +584,7 @@ impl Snapshot {
                 if opts.verify {
                     self.verify_memory()?;
                 }
+                crate::signal::set_guest_memory_file(&path);
                 memory::map_private(&self.memory_file, &path, &self.memory, opts.prefault)
             }
             MemoryMode::Copy => memory::copy(

@@ -15,7 +15,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion}
 use super::setup::{create_vcpus, map_guest_memory, set_cpuids, Parts};
 use super::{hv_err, ns, DeviceManager, Frozen, RestoredFrom, Vm, VmError};
 use crate::config::VmConfig;
-use crate::snapshot::{LoadOptions, Snapshot, VmState};
+use crate::snapshot::{LoadOptions, MemoryMode, Snapshot, VmState, MEMORY_FILE};
 use crate::vcpu::VmEvent;
 
 /// How [`Vm::restore`] brings a snapshot back.
@@ -192,6 +192,9 @@ impl Vm {
         let mut vm =
             Self::finish_incoming(inc, &snap.state, ThawOrigin::Snapshot, opts.policy, events)?;
         vm.restored_vcpus = Some(snap.state.vcpus.clone());
+        if opts.memory.mode == MemoryMode::MapPrivate {
+            vm.backing_file = Some((snap.dir().join(MEMORY_FILE), snap.memory.file_len()));
+        }
         vm.restored_from = Some(RestoredFrom::Snapshot {
             source: snap.dir().to_path_buf(),
             memory_mode: opts.memory.mode,

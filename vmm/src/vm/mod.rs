@@ -93,6 +93,9 @@ pub struct Vm {
     last_report: Option<ClockReport>,
     stats: PauseStats,
     warnings: Vec<String>,
+    /// Guest memory mapped from a file (a snapshot's `memory.bin` restored `OnDemand`) and the
+    /// length it had: the file must stay whole while the VM runs.
+    backing_file: Option<(std::path::PathBuf, u64)>,
     /// Kinds of clock warnings already logged ([`lifecycle`]: once per VM each).
     warned: std::collections::HashSet<String>,
     /// What this VM was restored from (shown in `vm.info`).
@@ -126,6 +129,24 @@ impl Vm {
     /// The time probe's report.
     pub fn probe_report(&self) -> ProbeReport {
         self.devices.probe().report()
+    }
+
+    /// Why guest memory may have failed under the guest: the file it is mapped from (a
+    /// snapshot restored `OnDemand`) is shorter than it was, or gone. A page past the file's end
+    /// cannot be read, and the host ends the guest or the VMM for it; this names the cause.
+    pub fn memory_backing_problem(&self) -> Option<String> {
+        let (path, len) = self.backing_file.as_ref()?;
+        let why = match std::fs::metadata(path) {
+            Ok(m) if m.len() >= *len => return None,
+            Ok(m) => format!("was truncated to {} bytes (it had {len})", m.len()),
+            Err(e) => format!("cannot be read ({e})"),
+        };
+        Some(format!(
+            "guest memory is mapped from {} (memory_restore_mode=ondemand), which {why} while \
+             the VM ran: pages past its end cannot be read, so the VM stopped; keep a snapshot's \
+             files in place while a VM restored from it on demand runs",
+            path.display()
+        ))
     }
 
     /// `vm.info`'s `device_tree`, in Cloud Hypervisor's shape.

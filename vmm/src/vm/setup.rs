@@ -278,6 +278,7 @@ impl Vm {
             stats: PauseStats::default(),
             warnings,
             warned: Default::default(),
+            backing_file: None,
             restored_from: None,
             restored_vcpus: None,
         })
