@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use devices::probe::{ProbeReport, TimeProbe, PROBE_BASE, PROBE_PORT_COUNT};
 use devices::serial::{COM1_PORT, SERIAL_PORT_LEN};
 use devices::{PioBus, Serial, I8042};
-use hypervisor::tsc::{Capture, ClockPolicy, ClockReport};
+use hypervisor::tsc::{Capture, ClockPolicy, ClockReport, ThawOrigin};
 use hypervisor::{Hypervisor, TscCapabilities, Vcpu, VcpuState};
 use log::{info, warn};
 use serde::Serialize;
@@ -139,6 +139,8 @@ pub struct Vm {
     probe: Arc<TimeProbe>,
     state: RunState,
     capture: Option<Capture>,
+    /// Where `capture` came from, for the thaw of the next resume.
+    thaw_origin: ThawOrigin,
     caps: TscCapabilities,
     tsc_khz: u32,
     last_report: Option<ClockReport>,
@@ -464,6 +466,7 @@ impl Vm {
             serial,
             state,
             capture: paused,
+            thaw_origin: ThawOrigin::Snapshot,
             caps,
             tsc_khz,
             last_report: None,
@@ -473,6 +476,12 @@ impl Vm {
             restored_from: None,
             restored_vcpus: None,
         })
+    }
+
+    /// Say where the paused capture came from (a VM from `finish_incoming` starts as
+    /// [`ThawOrigin::Snapshot`]; the destination of a migration says `Migration`).
+    pub(crate) fn set_thaw_origin(&mut self, origin: ThawOrigin) {
+        self.thaw_origin = origin;
     }
 
     /// The run state.
@@ -755,9 +764,12 @@ impl Vm {
         let capture = {
             let guards = self.vcpus.lock_all();
             let refs: Vec<&dyn Vcpu> = guards.iter().map(|g| g.as_ref()).collect();
-            match self.vm.freeze(&refs) {
+            let park = self.vcpus.take_park_reads();
+            let readings: Vec<_> = park.iter().map(|p| p.reading).collect();
+            match self.vm.freeze_with_readings(&refs, &readings) {
                 Ok(c) => {
-                    for v in &refs {
+                    let told = park.iter().map(|p| p.clock_paused);
+                    for v in refs.iter().zip(told).filter(|(_, t)| !t).map(|(v, _)| v) {
                         if let Err(e) = v.notify_guest_clock_paused() {
                             // EINVAL until the guest has enabled kvmclock: not an error.
                             log::debug!("vCPU {}: KVMCLOCK_CTRL: {e}", v.id());
@@ -783,6 +795,7 @@ impl Vm {
             );
         }
         self.capture = Some(capture);
+        self.thaw_origin = ThawOrigin::OwnFreeze;
         self.state = RunState::Paused;
         self.stats.pauses += 1;
         self.stats.last_park_ns = ns(park);
@@ -812,7 +825,7 @@ impl Vm {
             let guards = self.vcpus.lock_all();
             let refs: Vec<&dyn Vcpu> = guards.iter().map(|g| g.as_ref()).collect();
             self.vm
-                .thaw(&refs, &capture.snapshot, policy)
+                .thaw(&refs, &capture.snapshot, self.thaw_origin, policy)
                 .map_err(hv_err(format!("thaw guest time ({policy})")))?
         };
         let thaw = t0.elapsed();

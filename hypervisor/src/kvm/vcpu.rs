@@ -8,10 +8,10 @@ use kvm_bindings::{kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_run, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::arch::{msr, CpuIdEntry, MsrEntry, SpecialRegisters, StandardRegisters};
-use crate::cpu::{TscWriteBack, Vcpu, VcpuKicker, VmExit};
+use crate::cpu::{Vcpu, VcpuKicker, VmExit};
+use crate::kvm::x86_64::convert;
+use crate::kvm::x86_64::tsc::engine::{self, TimeVcpu};
 use crate::kvm::x86_64::vendor::AFTER_TSC_MSRS;
-use crate::kvm::x86_64::{attr, convert};
-use crate::kvm::{bracketed_guest_tsc, clock};
 use crate::tsc::VcpuTscReading;
 use crate::{HypervisorError, VcpuState};
 
@@ -292,55 +292,9 @@ impl Vcpu for KvmVcpu {
         }
     }
 
-    /// `O + A_i` from KVM_VCPU_TSC_OFFSET, and `A_i` from a host-initiated TSC_ADJUST read.
-    /// Without the attribute the offset is derived from a bracketed MSR_IA32_TSC read against
-    /// the host TSC, which is only exact for an unscaled guest.
+    /// `O + A_i` and `A_i`, as the TSC engine reads them (see [`engine::tsc_reading`]).
     fn tsc_reading(&self) -> Result<VcpuTscReading, HypervisorError> {
-        let offset = if self.caps.tsc_offset_attr {
-            attr::tsc_offset(&self.fd)?
-        } else {
-            let (h0, g, h1) = bracketed_guest_tsc(&self.fd)?;
-            g.wrapping_sub(h0.wrapping_add(h1.wrapping_sub(h0) / 2))
-        };
-        let adj = self.read_msrs(&[msr::IA32_TSC_ADJUST], false)?;
-        Ok(VcpuTscReading {
-            offset,
-            tsc_adjust: adj[0].data,
-        })
-    }
-
-    fn set_tsc(&self, offset: u64, tsc_adjust: u64) -> Result<TscWriteBack, HypervisorError> {
-        if !self.caps.tsc_offset_attr {
-            return Err(HypervisorError::Unsupported(
-                "KVM_VCPU_TSC_OFFSET is missing (kernel older than 5.16): use MSR_IA32_TSC".into(),
-            ));
-        }
-        attr::set_tsc_offset(&self.fd, offset)?;
-        self.write_msrs(&[MsrEntry {
-            index: msr::IA32_TSC_ADJUST,
-            data: tsc_adjust,
-        }])?;
-        self.flush_after_tsc()?;
-        let offset_read_back = attr::tsc_offset(&self.fd)?;
-        let (host_tsc_before, guest_tsc, host_tsc_after) = bracketed_guest_tsc(&self.fd)?;
-        Ok(TscWriteBack {
-            offset_read_back,
-            guest_tsc,
-            host_tsc_before,
-            host_tsc_after,
-        })
-    }
-
-    fn tsc_khz(&self) -> Result<u32, HypervisorError> {
-        self.fd
-            .get_tsc_khz()
-            .map_err(|e| HypervisorError::ioctl("KVM_GET_TSC_KHZ", e.errno()))
-    }
-
-    fn set_tsc_khz(&self, khz: u32) -> Result<(), HypervisorError> {
-        self.fd
-            .set_tsc_khz(khz)
-            .map_err(|e| HypervisorError::ioctl("KVM_SET_TSC_KHZ", e.errno()))
+        engine::tsc_reading(&self.fd, self.caps.tsc_offset_attr)
     }
 
     fn state(&self) -> Result<VcpuState, HypervisorError> {
@@ -411,8 +365,9 @@ impl Vcpu for KvmVcpu {
     }
 
     /// Restores registers, LAPIC, events and MSRs. MSRs interpreted against the TSC
-    /// (TSC_DEADLINE) are held back and written right after the TSC, by `set_tsc` (or a
-    /// `set_msrs` of MSR_IA32_TSC), as [`crate::kvm::x86_64::vendor::RESTORE_ORDER`] requires.
+    /// (TSC_DEADLINE) are held back and written right after the TSC is in place, by the thaw
+    /// ([`TimeVcpu::tsc_in_place`]) or a `set_msrs` of MSR_IA32_TSC: KVM converts the deadline
+    /// against the guest TSC current when it is written.
     fn set_state(&self, state: &VcpuState) -> Result<(), HypervisorError> {
         state.validate()?;
         if state.nested.is_some() && !self.caps.nested_state {
@@ -473,9 +428,19 @@ impl Vcpu for KvmVcpu {
         }
         Ok(())
     }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
-/// The host TSC now (re-exported for tests and benches that bracket guest reads).
-pub fn host_tsc() -> u64 {
-    clock::rdtsc()
+impl TimeVcpu for KvmVcpu {
+    fn vcpu_fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Writes the MSRs `set_state` held back until the TSC was in place.
+    fn tsc_in_place(&self) -> Result<(), HypervisorError> {
+        self.flush_after_tsc()
+    }
 }

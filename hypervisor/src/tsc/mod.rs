@@ -15,6 +15,7 @@
 //! * [`arith`]: KVM's ratio, scaling and pvclock arithmetic, bit for bit.
 //! * [`plan`]: [`capture`] and [`plan_thaw`] (and [`plan_for_actual_tsc`] for
 //!   hosts that ignore offsets).
+//! * [`origin`]: [`ThawOrigin`], why a clock is being restored.
 //! * [`state`]: [`TscSnapshot`], parsed and validated from `state.json`.
 //! * [`report`]: [`ClockReport`], what a thaw actually did.
 //!
@@ -47,6 +48,7 @@
 
 pub mod arith;
 pub mod error;
+pub mod origin;
 pub mod plan;
 pub mod policy;
 pub mod report;
@@ -58,6 +60,7 @@ pub use arith::{
     tsc_ratio, PvclockScale, RatioChoice, RatioOutcome, TSC_TOLERANCE_PPM,
 };
 pub use error::TscError;
+pub use origin::ThawOrigin;
 pub use plan::{
     capture, error_bound_ns, plan_for_actual_tsc, plan_thaw, plan_thaw_elapsed, Capture, Elapsed,
     HostSample, HostTsc, SetClock, ThawPlan, VcpuTscReading,

@@ -179,7 +179,9 @@ impl Destination for VmDestination {
                 self.tsc_khz
             ));
         }
-        let vm = Vm::finish_incoming(inc, &state, self.events.clone()).map_err(|e| chain(&e))?;
+        let mut vm =
+            Vm::finish_incoming(inc, &state, self.events.clone()).map_err(|e| chain(&e))?;
+        vm.set_thaw_origin(hypervisor::tsc::ThawOrigin::Migration);
         self.vm = Some(vm);
         Ok(())
     }
