@@ -1,6 +1,6 @@
 //! Capture (freeze) and thaw cost per vCPU on the real device, for 1, 8 and 64 vCPUs.
 //!
-//! `cargo bench -p hypervisor --bench tsc_cost` prints p50/p99 over 200 iterations.
+//! `cargo bench -p hourglass-hypervisor --bench tsc_cost` prints p50/p99 over 200 iterations.
 
 use std::time::Instant;
 

@@ -1,7 +1,7 @@
 //! Embedding the hypervisor crate: create a VM with two vCPUs, freeze its time, thaw it under
 //! the `frozen` policy, and print what the host really applied.
 //!
-//! `cargo run -p hypervisor --example embed`
+//! `cargo run -p hourglass-hypervisor --example embed`
 
 use hypervisor::cpu::Vcpu;
 use hypervisor::tsc::{ClockPolicy, ThawOrigin};

@@ -76,7 +76,7 @@ pub fn sample(vm: &VmFd) -> Result<ClockSample, HypervisorError> {
             bracket_ns: t1.saturating_sub(t0),
             flags: data.flags,
         };
-        if best.is_none_or(|b| s.bracket_ns < b.bracket_ns) {
+        if best.map_or(true, |b| s.bracket_ns < b.bracket_ns) {
             best = Some(s);
         }
     }

@@ -292,7 +292,7 @@ impl Vcpu for KvmVcpu {
         }
     }
 
-    /// `O + A_i` and `A_i`, as the TSC engine reads them (see [`engine::tsc_reading`]).
+    /// `O + A_i` and `A_i`, as the TSC engine reads them (`engine::tsc_reading`).
     fn tsc_reading(&self) -> Result<VcpuTscReading, HypervisorError> {
         engine::tsc_reading(&self.fd, self.caps.tsc_offset_attr)
     }
@@ -366,7 +366,7 @@ impl Vcpu for KvmVcpu {
 
     /// Restores registers, LAPIC, events and MSRs. MSRs interpreted against the TSC
     /// (TSC_DEADLINE) are held back and written right after the TSC is in place, by the thaw
-    /// ([`TimeVcpu::tsc_in_place`]) or a `set_msrs` of MSR_IA32_TSC: KVM converts the deadline
+    /// (`TimeVcpu::tsc_in_place`) or a `set_msrs` of MSR_IA32_TSC: KVM converts the deadline
     /// against the guest TSC current when it is written.
     fn set_state(&self, state: &VcpuState) -> Result<(), HypervisorError> {
         state.validate()?;

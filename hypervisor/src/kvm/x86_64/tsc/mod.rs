@@ -22,9 +22,9 @@
 //! **Kernels without `KVM_VCPU_TSC_OFFSET`** (before 5.16): host-initiated `MSR_IA32_TSC` writes of
 //! `G' + A_i`, all computed for one instant, and the report says so.
 //!
-//! The work is done by [`engine`] on plain kvm-ioctls file descriptors, shared with
+//! The work is done by `engine` on plain kvm-ioctls file descriptors, shared with
 //! [`crate::kvm::tsc`] (for VMMs that own their fds); this file only adapts `&dyn Vcpu` to it
-//! and keeps the VM's state (guest kHz, what the read-back showed) between calls. [`verify`]
+//! and keeps the VM's state (guest kHz, what the read-back showed) between calls. `verify`
 //! holds the measurements.
 
 pub(crate) mod engine;
