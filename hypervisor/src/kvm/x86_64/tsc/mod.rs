@@ -129,3 +129,78 @@ impl TscState for KvmVm {
         r
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::{CpuIdEntry, MsrEntry, SpecialRegisters, StandardRegisters};
+    use crate::cpu::{VcpuKicker, VmExit};
+    use crate::VcpuState;
+
+    /// Another backend's vCPU: every call fails, only `id` and `as_any` answer.
+    struct Foreign;
+
+    fn no<T>() -> Result<T, HypervisorError> {
+        Err(HypervisorError::Unsupported("foreign vCPU".into()))
+    }
+
+    impl Vcpu for Foreign {
+        fn id(&self) -> u32 {
+            7
+        }
+        fn run(&mut self) -> Result<VmExit<'_>, HypervisorError> {
+            no()
+        }
+        fn kicker(&mut self) -> std::sync::Arc<dyn VcpuKicker> {
+            unimplemented!("not called")
+        }
+        fn set_cpuid(&self, _: &[CpuIdEntry]) -> Result<(), HypervisorError> {
+            no()
+        }
+        fn regs(&self) -> Result<StandardRegisters, HypervisorError> {
+            no()
+        }
+        fn set_regs(&self, _: &StandardRegisters) -> Result<(), HypervisorError> {
+            no()
+        }
+        fn sregs(&self) -> Result<SpecialRegisters, HypervisorError> {
+            no()
+        }
+        fn set_sregs(&self, _: &SpecialRegisters) -> Result<(), HypervisorError> {
+            no()
+        }
+        fn msrs(&self, _: &[u32]) -> Result<Vec<MsrEntry>, HypervisorError> {
+            no()
+        }
+        fn set_msrs(&self, _: &[MsrEntry]) -> Result<(), HypervisorError> {
+            no()
+        }
+        fn notify_guest_clock_paused(&self) -> Result<(), HypervisorError> {
+            no()
+        }
+        fn tsc_reading(&self) -> Result<VcpuTscReading, HypervisorError> {
+            no()
+        }
+        fn state(&self) -> Result<VcpuState, HypervisorError> {
+            no()
+        }
+        fn set_state(&self, _: &VcpuState) -> Result<(), HypervisorError> {
+            no()
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+    }
+
+    #[test]
+    fn another_backends_vcpu_is_refused_by_name() {
+        let e = kvm_vcpus(&[&Foreign]).err().expect("refused");
+        assert!(matches!(e, HypervisorError::InvalidArgument(_)), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("vCPU 7") && msg.contains("not a KVM vCPU"),
+            "{msg}"
+        );
+        assert!(kvm_vcpus(&[]).unwrap().is_empty());
+    }
+}
