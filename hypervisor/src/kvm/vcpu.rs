@@ -197,7 +197,23 @@ impl Vcpu for KvmVcpu {
     /// Runs until the next exit. `EINTR`/`EAGAIN` (a signal, or the kicker's immediate exit)
     /// give [`VmExit::Interrupted`], and the immediate-exit flag is cleared here: a caller sets
     /// its own "pause/stop requested" state *before* kicking and checks it on `Interrupted`.
+    ///
+    /// MSRs that `set_state` held back for a TSC write that never came (a state set without a
+    /// thaw, as a VMM does at boot to make application processors runnable) are dropped here:
+    /// a TSC_DEADLINE only means something against the TSC it was saved with, which no thaw
+    /// restored, and left pending the next thaw would write it over the deadline the guest
+    /// armed since (its vCPU would sleep for good). Dropped, not written: this runs on the
+    /// vCPU thread, which has no business writing MSRs (and a VMM's seccomp filter may say so).
     fn run(&mut self) -> Result<VmExit<'_>, HypervisorError> {
+        let pending = self.after_tsc.get_mut().unwrap_or_else(|e| e.into_inner());
+        if !pending.is_empty() {
+            log::debug!(
+                "vCPU {}: runs before any thaw; dropping {} MSR(s) held back for the TSC",
+                self.id,
+                pending.len()
+            );
+            pending.clear();
+        }
         let kicker = &self.kicker;
         let id = self.id;
         match self.fd.run() {
@@ -367,7 +383,8 @@ impl Vcpu for KvmVcpu {
     /// Restores registers, LAPIC, events and MSRs. MSRs interpreted against the TSC
     /// (TSC_DEADLINE) are held back and written right after the TSC is in place, by the thaw
     /// (`TimeVcpu::tsc_in_place`) or a `set_msrs` of MSR_IA32_TSC: KVM converts the deadline
-    /// against the guest TSC current when it is written.
+    /// against the guest TSC current when it is written. If the vCPU runs
+    /// first they are dropped (see `run`).
     fn set_state(&self, state: &VcpuState) -> Result<(), HypervisorError> {
         state.validate()?;
         if state.nested.is_some() && !self.caps.nested_state {
