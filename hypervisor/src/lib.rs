@@ -9,6 +9,9 @@
 //! * [`host`]: the host's TSC, realtime clock and CPU vendor (no hypervisor needed).
 //! * [`kvm`] (and [`mshv`] with the `mshv` feature): the backends.
 //!
+//! A VMM that owns its kvm-ioctls descriptors and wants none of these traits uses the same time
+//! logic through [`kvm::tsc::freeze`] and [`kvm::tsc::thaw`] on borrowed `VmFd`/`VcpuFd`s.
+//!
 //! Freeze and thaw a VM through [`vm::TscState`]; the thaw reports what it really applied in a
 //! [`tsc::ClockReport`] (some hosts accept TSC offsets and ignore them; the report says so):
 //!
