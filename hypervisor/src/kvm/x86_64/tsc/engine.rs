@@ -397,7 +397,13 @@ fn thaw_host_tsc<V: TimeVcpu + ?Sized>(
     // The VM TSC (`G`, without TSC_ADJUST) the guest really has at the sample instant:
     // `scale(H') + effective offset of vCPU 0 - A_0`.
     let fd0 = vcpus[0].vcpu_fd();
-    let hint = tsc_reading(fd0, ctx.tsc_offset_attr).ok().map(|r| r.offset);
+    // The offset KVM reports, as a hint (one ioctl; where there is no attribute the bracketed
+    // reads below are all there is).
+    let hint = if ctx.tsc_offset_attr {
+        attr::tsc_offset(fd0).ok()
+    } else {
+        None
+    };
     let eff = effective_offset(fd0, host, hint)?;
     let actual = scale_tsc(now.host_tsc, host.ratio, ctx.frac_bits())
         .wrapping_add(eff)
