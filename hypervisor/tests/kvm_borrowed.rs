@@ -89,6 +89,7 @@ fn frozen_thaw_applies_what_this_host_can() {
         "report frequency is the vCPU's KVM_GET_TSC_KHZ"
     );
     assert_eq!(r.policy_requested, ClockPolicy::Frozen);
+    assert_eq!(r.origin, Some(ThawOrigin::OwnFreeze));
     match honoured {
         Some(false) => {
             // The guest kept the host TSC, which ran on: kvmclock follows it.

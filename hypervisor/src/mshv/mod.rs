@@ -185,7 +185,7 @@ impl TscState for MshvVm {
         vcpus: &[&dyn Vcpu],
         snapshot: &TscSnapshot,
         // Reference time is per partition and restored as planned: no same-host shortcut.
-        _origin: ThawOrigin,
+        origin: ThawOrigin,
         policy: ClockPolicy,
     ) -> Result<ClockReport, HypervisorError> {
         snapshot.check_vcpus(vcpus.len())?;
@@ -216,6 +216,7 @@ impl TscState for MshvVm {
             None,
             true,
         );
+        r.origin = Some(origin);
         r.warnings.push(
             "mshv: the guest TSC follows the partition reference time; no per-vCPU offsets".into(),
         );

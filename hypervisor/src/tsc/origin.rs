@@ -46,4 +46,24 @@ mod tests {
             assert_eq!(o.same_host(), same);
         }
     }
+
+    #[test]
+    fn a_report_without_origin_still_reads_and_one_with_it_round_trips() {
+        use crate::tsc::{AppliedPolicy, ClockPolicy, ClockReport, Vendor};
+        let old = serde_json::json!({
+            "policy_requested": "wallclock", "policy_applied": "host_tsc", "tsc_khz": 1,
+            "vendor": "amd", "vm_offset_planned": 0, "vm_offset_applied": null,
+            "offsets_honoured": false, "elapsed_ns": 0, "kvmclock_ns": 0, "warnings": []
+        });
+        let mut r: ClockReport = serde_json::from_value(old).unwrap();
+        assert_eq!(r.origin, None);
+        assert_eq!(r.policy_applied, AppliedPolicy::HostTsc);
+        assert_eq!(r.vendor, Vendor::Amd);
+        assert_eq!(r.policy_requested, ClockPolicy::Wallclock);
+        assert!(serde_json::to_value(&r).unwrap().get("origin").is_none());
+        r.origin = Some(ThawOrigin::Migration);
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["origin"], "migration");
+        assert_eq!(serde_json::from_value::<ClockReport>(v).unwrap(), r);
+    }
 }

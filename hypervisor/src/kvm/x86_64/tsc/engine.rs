@@ -273,6 +273,19 @@ pub(crate) fn thaw<V: TimeVcpu + ?Sized>(
     origin: ThawOrigin,
     policy: ClockPolicy,
 ) -> Result<ClockReport, HypervisorError> {
+    let mut report = thaw_inner(vm, ctx, vcpus, snap, origin, policy)?;
+    report.origin = Some(origin);
+    Ok(report)
+}
+
+fn thaw_inner<V: TimeVcpu + ?Sized>(
+    vm: &VmFd,
+    ctx: &mut TscContext,
+    vcpus: &[&V],
+    snap: &TscSnapshot,
+    origin: ThawOrigin,
+    policy: ClockPolicy,
+) -> Result<ClockReport, HypervisorError> {
     snap.check_vcpus(vcpus.len())?;
     if snap.tsc_khz() != ctx.guest_tsc_khz {
         // Refused here, before anything else changes, when the host cannot run it.
