@@ -5,7 +5,7 @@
 #   scripts/bench.sh pause|tsc|snapshot|migration|api
 #
 #   pause      pause/resume latency, 1/4/16 vCPUs, busy and idle guest   (scripts/bench-pause.sh)
-#   tsc        TscState freeze and thaw cost per vCPU, 1/8/64 vCPUs      (cargo bench -p hypervisor)
+#   tsc        TscState freeze and thaw cost per vCPU, 1/8/64 vCPUs      (cargo bench -p hourglass-hypervisor)
 #   snapshot   snapshot write vs plain sequential write; restore 256M-4G  (scripts/bench-snapshot.sh)
 #   migration  total time and downtime, 256 MiB / 1 GiB, idle and dirty  (scripts/bench-migration.sh)
 #   api        API requests/s and p50/p99 latency, 1/8/32/64 clients     (scripts/bench-api.sh)
@@ -17,7 +17,7 @@ case "$what" in
     pause|all) run pause; scripts/bench-pause.sh ;;&
     tsc|all)
         run tsc
-        if [ -e /dev/kvm ]; then cargo bench -p hypervisor --bench tsc_cost; else echo "skipped: /dev/kvm is absent"; fi
+        if [ -e /dev/kvm ]; then cargo bench -p hourglass-hypervisor --bench tsc_cost; else echo "skipped: /dev/kvm is absent"; fi
         ;;&
     snapshot|all) run snapshot; scripts/bench-snapshot.sh ;;&
     migration|all) run migration; scripts/bench-migration.sh ;;&

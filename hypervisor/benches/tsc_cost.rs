@@ -1,12 +1,12 @@
 //! Capture (freeze) and thaw cost per vCPU on the real device, for 1, 8 and 64 vCPUs.
 //!
-//! `cargo bench -p hypervisor --bench tsc_cost` prints p50/p99 over 200 iterations.
+//! `cargo bench -p hourglass-hypervisor --bench tsc_cost` prints p50/p99 over 200 iterations.
 
 use std::time::Instant;
 
 use hypervisor::cpu::Vcpu;
 use hypervisor::kvm::KvmHypervisor;
-use hypervisor::tsc::ClockPolicy;
+use hypervisor::tsc::{ClockPolicy, ThawOrigin};
 use hypervisor::vm::{TscState, Vm};
 
 const ITERATIONS: usize = 200;
@@ -76,7 +76,12 @@ fn main() {
             freeze.push(t.elapsed().as_nanos() as u64);
             let t = Instant::now();
             let r = vm
-                .thaw(&refs, &cap.snapshot, ClockPolicy::Wallclock)
+                .thaw(
+                    &refs,
+                    &cap.snapshot,
+                    ThawOrigin::OwnFreeze,
+                    ClockPolicy::Wallclock,
+                )
                 .expect("thaw");
             thaw.push(t.elapsed().as_nanos() as u64);
             applied = Some(r.policy_applied);

@@ -1,10 +1,10 @@
 //! Embedding the hypervisor crate: create a VM with two vCPUs, freeze its time, thaw it under
 //! the `frozen` policy, and print what the host really applied.
 //!
-//! `cargo run -p hypervisor --example embed`
+//! `cargo run -p hourglass-hypervisor --example embed`
 
 use hypervisor::cpu::Vcpu;
-use hypervisor::tsc::ClockPolicy;
+use hypervisor::tsc::{ClockPolicy, ThawOrigin};
 
 fn main() {
     if !std::path::Path::new("/dev/kvm").exists() && !std::path::Path::new("/dev/mshv").exists() {
@@ -39,7 +39,12 @@ fn run() -> Result<(), hypervisor::HypervisorError> {
         capture.snapshot.kvmclock_ns(),
         capture.skew_cycles
     );
-    match vm.thaw(&refs, &capture.snapshot, ClockPolicy::Frozen) {
+    match vm.thaw(
+        &refs,
+        &capture.snapshot,
+        ThawOrigin::OwnFreeze,
+        ClockPolicy::Frozen,
+    ) {
         Ok(report) => println!(
             "thawed:\n{}",
             serde_json::to_string_pretty(&report).unwrap_or_default()

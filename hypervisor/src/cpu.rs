@@ -36,19 +36,6 @@ pub trait VcpuKicker: Send + Sync {
     fn set(&self, exit: bool);
 }
 
-/// Result of writing a vCPU's TSC offset: what the host reports afterwards.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TscWriteBack {
-    /// The offset (`O + A_i`) read back after the write.
-    pub offset_read_back: u64,
-    /// The guest TSC read back via a host-initiated read of MSR_IA32_TSC.
-    pub guest_tsc: u64,
-    /// Host TSC just before that read.
-    pub host_tsc_before: u64,
-    /// Host TSC just after that read.
-    pub host_tsc_after: u64,
-}
-
 /// One virtual CPU. Owned by its vCPU thread; other threads only use it while it is parked.
 pub trait Vcpu: Send {
     /// The vCPU index (also its initial APIC ID).
@@ -73,18 +60,17 @@ pub trait Vcpu: Send {
     fn set_msrs(&self, entries: &[MsrEntry]) -> Result<(), HypervisorError>;
     /// Tell the guest (KVMCLOCK_CTRL) it was stopped by the host, so its watchdogs stay quiet.
     fn notify_guest_clock_paused(&self) -> Result<(), HypervisorError>;
-    /// This vCPU's TSC offset (`O + A_i`) and TSC_ADJUST (`A_i`).
+    /// This vCPU's TSC offset (`O + A_i`) and TSC_ADJUST (`A_i`): the per-vCPU half of a
+    /// freeze. A read only, safe to take on the vCPU's own thread while it is stopped (out of
+    /// `run`), so a VMM can take it as each vCPU parks and hand the readings to
+    /// [`crate::vm::TscState::freeze_with_readings`]. Writing the TSC is left to
+    /// [`crate::vm::TscState::thaw`], which keeps every vCPU on one VM-wide offset.
     fn tsc_reading(&self) -> Result<VcpuTscReading, HypervisorError>;
-    /// Write this vCPU's offset (`O' + A_i`) and host-initiated TSC_ADJUST (`A_i`), then read back.
-    fn set_tsc(&self, offset: u64, tsc_adjust: u64) -> Result<TscWriteBack, HypervisorError>;
-    /// The TSC frequency the backend reports for this vCPU, kHz (low level: after a failed
-    /// `set_tsc_khz` KVM reports the *requested* value; use `TscState::guest_tsc_khz`).
-    fn tsc_khz(&self) -> Result<u32, HypervisorError>;
-    /// Set this vCPU's TSC frequency (low level: use `TscState::set_guest_tsc_khz`, which checks
-    /// first and keeps every vCPU consistent).
-    fn set_tsc_khz(&self, khz: u32) -> Result<(), HypervisorError>;
     /// Everything needed to recreate this vCPU (pieces the host lacks are recorded as absent).
     fn state(&self) -> Result<VcpuState, HypervisorError>;
     /// Restore a saved state (TSC and clock are restored separately through `TscState`).
     fn set_state(&self, state: &VcpuState) -> Result<(), HypervisorError>;
+    /// The concrete vCPU, so that a backend can reach its own vCPUs' low-level time controls
+    /// through `&dyn Vcpu` (and refuse another backend's). Implement as `self`.
+    fn as_any(&self) -> &dyn std::any::Any;
 }

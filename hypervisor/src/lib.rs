@@ -6,13 +6,17 @@
 //! * [`tsc`]: the pure time model (plan, arithmetic, state types; no ioctls).
 //! * [`arch`], [`cpu`], [`vm`], [`hypervisor`]: backend-neutral types and traits. A VMM names
 //!   only these; it never sees a KVM or MSHV type.
+//! * [`host`]: the host's TSC, realtime clock and CPU vendor (no hypervisor needed).
 //! * [`kvm`] (and [`mshv`] with the `mshv` feature): the backends.
+//!
+//! A VMM that owns its kvm-ioctls descriptors and wants none of these traits uses the same time
+//! logic through [`kvm::tsc::freeze`] and [`kvm::tsc::thaw`] on borrowed `VmFd`/`VcpuFd`s.
 //!
 //! Freeze and thaw a VM through [`vm::TscState`]; the thaw reports what it really applied in a
 //! [`tsc::ClockReport`] (some hosts accept TSC offsets and ignore them; the report says so):
 //!
 //! ```
-//! use hypervisor::tsc::ClockPolicy;
+//! use hypervisor::tsc::{ClockPolicy, ThawOrigin};
 //! if !std::path::Path::new("/dev/kvm").exists() {
 //!     println!("skipped: /dev/kvm is absent");
 //!     return;
@@ -22,7 +26,7 @@
 //! let vcpus: Vec<_> = (0..2).map(|i| vm.create_vcpu(i).unwrap()).collect();
 //! let refs: Vec<&dyn hypervisor::cpu::Vcpu> = vcpus.iter().map(|v| v.as_ref()).collect();
 //! let capture = vm.freeze(&refs).unwrap();
-//! match vm.thaw(&refs, &capture.snapshot, ClockPolicy::Wallclock) {
+//! match vm.thaw(&refs, &capture.snapshot, ThawOrigin::OwnFreeze, ClockPolicy::Wallclock) {
 //!     Ok(report) => println!("applied {:?}, warnings {:?}", report.policy_applied, report.warnings),
 //!     // A host that ignores offsets refuses a thaw that would move the TSC backwards.
 //!     Err(e) => println!("thaw refused: {e}"),
@@ -38,6 +42,7 @@ use thiserror::Error;
 
 pub mod arch;
 pub mod cpu;
+pub mod host;
 pub mod hypervisor;
 pub mod kvm;
 #[cfg(feature = "mshv")]

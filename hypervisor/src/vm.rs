@@ -1,7 +1,7 @@
 //! The `Vm` trait and the `TscState` trait (guest time at freeze and thaw).
 
 use crate::cpu::Vcpu;
-use crate::tsc::{Capture, ClockPolicy, ClockReport, TscSnapshot};
+use crate::tsc::{Capture, ClockPolicy, ClockReport, ThawOrigin, TscSnapshot, VcpuTscReading};
 use crate::{HypervisorError, TscCapabilities};
 
 /// Guest time across a freeze and a thaw, with one VM-wide TSC offset.
@@ -15,13 +15,26 @@ pub trait TscState {
     fn set_guest_tsc_khz(&self, vcpus: &[&dyn Vcpu], khz: u32) -> Result<(), HypervisorError>;
     /// The guest TSC frequency in kHz.
     fn guest_tsc_khz(&self) -> u32;
-    /// Capture guest time from one host sample.
-    fn freeze(&self, vcpus: &[&dyn Vcpu]) -> Result<Capture, HypervisorError>;
+    /// Capture guest time from one host sample, using per-vCPU readings the caller already
+    /// took ([`Vcpu::tsc_reading`], e.g. on each vCPU's own thread as it stopped); a `None`
+    /// (or a missing entry) is read now. `readings` must not be longer than `vcpus`.
+    fn freeze_with_readings(
+        &self,
+        vcpus: &[&dyn Vcpu],
+        readings: &[Option<VcpuTscReading>],
+    ) -> Result<Capture, HypervisorError>;
+    /// Capture guest time from one host sample, reading every vCPU now.
+    fn freeze(&self, vcpus: &[&dyn Vcpu]) -> Result<Capture, HypervisorError> {
+        self.freeze_with_readings(vcpus, &[])
+    }
     /// Restore guest time under `policy`, verify by read-back, and report what was applied.
+    /// `origin` says where `snapshot` came from: only [`ThawOrigin::OwnFreeze`] lets the
+    /// `wallclock` policy measure the pause with the host TSC.
     fn thaw(
         &self,
         vcpus: &[&dyn Vcpu],
         snapshot: &TscSnapshot,
+        origin: ThawOrigin,
         policy: ClockPolicy,
     ) -> Result<ClockReport, HypervisorError>;
 }

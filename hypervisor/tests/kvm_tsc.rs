@@ -13,7 +13,8 @@ use hypervisor::cpu::Vcpu;
 use hypervisor::hypervisor::Hypervisor;
 use hypervisor::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
 use hypervisor::tsc::{
-    cycles_to_ns, pvclock_scale_delta, AppliedPolicy, ClockPolicy, RawTscSnapshot, TscSnapshot,
+    cycles_to_ns, pvclock_scale_delta, AppliedPolicy, ClockPolicy, RawTscSnapshot, ThawOrigin,
+    TscSnapshot,
 };
 use hypervisor::vm::{TscState, Vm};
 use hypervisor::{HypervisorError, VmExit};
@@ -124,7 +125,7 @@ impl Guest {
     fn guest_tsc(&mut self, i: usize) -> (u64, u64, u64) {
         let v = &mut self.vcpus[i];
         let (mut lo, mut hi) = (None, None);
-        let h0 = hypervisor::kvm::vcpu::host_tsc();
+        let h0 = hypervisor::host::rdtsc();
         for _ in 0..100 {
             match v.run().expect("KVM_RUN") {
                 VmExit::IoOut { port: 0x10, data } => {
@@ -140,7 +141,7 @@ impl Guest {
                 other => panic!("vCPU {i}: unexpected exit {other:?}"),
             }
         }
-        let h1 = hypervisor::kvm::vcpu::host_tsc();
+        let h1 = hypervisor::host::rdtsc();
         let g = u64::from(lo.expect("low half")) | (u64::from(hi.expect("high half")) << 32);
         (h0, g, h1)
     }
@@ -194,9 +195,9 @@ fn assert_kvmclock_agrees_with_tsc(g: &Guest, snap: &TscSnapshot, tag: &str) -> 
         0
     };
     let khz = snap.tsc_khz();
-    let h0 = hypervisor::kvm::vcpu::host_tsc();
+    let h0 = hypervisor::host::rdtsc();
     let data = g.vm.fd().get_clock().unwrap();
-    let h1 = hypervisor::kvm::vcpu::host_tsc();
+    let h1 = hypervisor::host::rdtsc();
     let predict = |h: u64| {
         snap.kvmclock_ns() + cycles_to_ns(h.wrapping_add(eff).wrapping_sub(snap.vm_tsc()), khz)
     };
@@ -276,7 +277,9 @@ fn freeze_thaw_both_policies_keep_tsc_and_kvmclock_consistent() {
         let snap = cap.snapshot.clone();
         assert_eq!(snap.tsc_adjust().len(), 4);
         assert_eq!(cap.skew_cycles, 0, "one VM-wide offset: no skew expected");
-        let report = g.vm.thaw(&g.refs(), &snap, policy).expect("thaw");
+        let report =
+            g.vm.thaw(&g.refs(), &snap, ThawOrigin::OwnFreeze, policy)
+                .expect("thaw");
         assert_eq!(report.policy_requested, policy);
         assert_eq!(report.offsets_honoured, honoured);
         if honoured {
@@ -340,7 +343,12 @@ fn thaw_refuses_to_move_the_tsc_backwards_and_changes_nothing() {
     let future = TscSnapshot::try_from(raw).unwrap();
     let before: Vec<_> = g.vcpus.iter().map(|v| v.tsc_reading().unwrap()).collect();
     let k0 = g.kvmclock();
-    let res = g.vm.thaw(&g.refs(), &future, ClockPolicy::Frozen);
+    let res = g.vm.thaw(
+        &g.refs(),
+        &future,
+        ThawOrigin::Snapshot,
+        ClockPolicy::Frozen,
+    );
     let k1 = g.kvmclock();
     if offsets_honoured(&g) {
         // A host that honours offsets can give the guest that TSC: not a refusal.
@@ -384,7 +392,7 @@ fn set_tsc_khz_outside_the_window_is_refused_and_changes_nothing() {
     assert_eq!(g.vm.guest_tsc_khz(), host);
     for v in &g.vcpus {
         assert_eq!(
-            v.tsc_khz().unwrap(),
+            v.fd().get_tsc_khz().unwrap(),
             host,
             "vCPU {} frequency changed",
             v.id()
@@ -402,8 +410,13 @@ fn thaw_refuses_a_snapshot_for_another_vcpu_count() {
     let g = Guest::new(hv, 2, &[]);
     let snap = g.vm.freeze(&g.refs()).unwrap().snapshot;
     let e =
-        g.vm.thaw(&g.refs()[..1], &snap, ClockPolicy::Frozen)
-            .unwrap_err();
+        g.vm.thaw(
+            &g.refs()[..1],
+            &snap,
+            ThawOrigin::OwnFreeze,
+            ClockPolicy::Frozen,
+        )
+        .unwrap_err();
     assert!(
         e.to_string().contains('2') && e.to_string().contains('1'),
         "{e}"
@@ -455,7 +468,9 @@ fn nested_planned_offset_is_what_every_vcpu_has() {
         g.guest_tsc(i);
     }
     let snap = g.vm.freeze(&g.refs()).unwrap().snapshot;
-    let report = g.vm.thaw(&g.refs(), &snap, ClockPolicy::Frozen).unwrap();
+    let report =
+        g.vm.thaw(&g.refs(), &snap, ThawOrigin::OwnFreeze, ClockPolicy::Frozen)
+            .unwrap();
     assert_kvmclock_agrees_with_tsc(&g, &snap, "frozen");
     let offsets: Vec<u64> = g
         .vcpus
@@ -484,9 +499,9 @@ fn read_guest_tscs(g: &Guest) -> Vec<(u64, u64, u64)> {
     g.vcpus
         .iter()
         .map(|v| {
-            let h0 = hypervisor::kvm::vcpu::host_tsc();
+            let h0 = hypervisor::host::rdtsc();
             let t = v.msrs(&[msr::IA32_TSC]).unwrap()[0].data;
-            (h0, t, hypervisor::kvm::vcpu::host_tsc())
+            (h0, t, hypervisor::host::rdtsc())
         })
         .collect()
 }
@@ -510,10 +525,11 @@ fn pause_and_measure(policy: ClockPolicy) {
     let khz = u64::from(g.vm.guest_tsc_khz());
     let before = read_guest_tscs(&g);
     let snap = g.vm.freeze(&g.refs()).unwrap().snapshot;
-    let h_f1 = hypervisor::kvm::vcpu::host_tsc();
+    let h_f1 = hypervisor::host::rdtsc();
     std::thread::sleep(Duration::from_secs(2)); // the pause being measured
-    let h_t0 = hypervisor::kvm::vcpu::host_tsc();
-    g.vm.thaw(&g.refs(), &snap, policy).unwrap();
+    let h_t0 = hypervisor::host::rdtsc();
+    g.vm.thaw(&g.refs(), &snap, ThawOrigin::OwnFreeze, policy)
+        .unwrap();
     let after = read_guest_tscs(&g);
     assert_kvmclock_agrees_with_tsc(&g, &snap, &policy.to_string());
     let pause = h_t0 - h_f1;
@@ -576,7 +592,13 @@ fn nested_guest_tsc_adjust_survives_thaw() {
     }
     let snap = g.vm.freeze(&g.refs()).unwrap().snapshot;
     assert_eq!(snap.tsc_adjust(), &adj);
-    g.vm.thaw(&g.refs(), &snap, ClockPolicy::Wallclock).unwrap();
+    g.vm.thaw(
+        &g.refs(),
+        &snap,
+        ThawOrigin::OwnFreeze,
+        ClockPolicy::Wallclock,
+    )
+    .unwrap();
     assert_kvmclock_agrees_with_tsc(&g, &snap, "wallclock");
     let t: Vec<(u64, u64, u64)> = (0..3).map(|i| g.guest_tsc(i)).collect();
     for (i, v) in g.vcpus.iter().enumerate() {
@@ -624,8 +646,13 @@ fn many_thaws_between_guest_samples_keep_kvmclock_on_the_tsc() {
             // As the VMM's pause does; EINVAL would mean kvmclock is off, which it is not here.
             v.notify_guest_clock_paused().expect("KVMCLOCK_CTRL");
         }
-        g.vm.thaw(&g.refs(), &snap, ClockPolicy::Wallclock)
-            .unwrap_or_else(|e| panic!("thaw {cycle}: {e}"));
+        g.vm.thaw(
+            &g.refs(),
+            &snap,
+            ThawOrigin::OwnFreeze,
+            ClockPolicy::Wallclock,
+        )
+        .unwrap_or_else(|e| panic!("thaw {cycle}: {e}"));
         // Let the vCPU enter once (KVM refreshes its pvclock page then); no sample is kept.
         g.guest_tsc(0);
     }

@@ -9,6 +9,7 @@
 use kvm_bindings::{kvm_clock_data, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME, KVM_CLOCK_TSC_STABLE};
 use kvm_ioctls::VmFd;
 
+use crate::host::{rdtsc, realtime_ns};
 use crate::HypervisorError;
 
 /// One host time sample as KVM (or the bracket fallback) gave it.
@@ -37,25 +38,6 @@ impl ClockSample {
         self.flags & (KVM_CLOCK_REALTIME | KVM_CLOCK_HOST_TSC)
             == (KVM_CLOCK_REALTIME | KVM_CLOCK_HOST_TSC)
     }
-}
-
-/// The host TSC now.
-pub fn rdtsc() -> u64 {
-    // SAFETY: RDTSC has no memory effects; every x86_64 CPU has it.
-    unsafe { core::arch::x86_64::_rdtsc() }
-}
-
-/// Host CLOCK_REALTIME now, in ns.
-pub fn realtime_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; clock_gettime only writes it.
-    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// How many bracketed tries the fallback makes, keeping the narrowest.
@@ -94,7 +76,7 @@ pub fn sample(vm: &VmFd) -> Result<ClockSample, HypervisorError> {
             bracket_ns: t1.saturating_sub(t0),
             flags: data.flags,
         };
-        if best.is_none_or(|b| s.bracket_ns < b.bracket_ns) {
+        if best.map_or(true, |b| s.bracket_ns < b.bracket_ns) {
             best = Some(s);
         }
     }

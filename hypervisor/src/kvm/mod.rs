@@ -5,9 +5,11 @@
 //! * [`vm`]: [`KvmVm`], VM creation details, memory and dirty logging.
 //! * [`vcpu`]: [`KvmVcpu`], run loop, kicker, registers and saved state.
 //! * [`clock`]: the kvmclock sample and `KVM_SET_CLOCK`.
+//! * [`tsc`]: freeze and thaw on borrowed kvm-ioctls descriptors, for VMMs without our traits.
 //! * [`x86_64`]: the VMX/SVM table, the TscState implementation, device attributes, conversions.
 
 pub mod clock;
+pub mod tsc;
 pub mod vcpu;
 pub mod vm;
 pub mod x86_64;
@@ -44,7 +46,7 @@ impl KvmHypervisor {
     /// Open `/dev/kvm`, detect the vendor and probe the TSC capabilities.
     pub fn new() -> Result<Self, HypervisorError> {
         let kvm = Kvm::new().map_err(|e| HypervisorError::ioctl("open /dev/kvm", e.errno()))?;
-        let vendor = x86_64::vendor::host_vendor().ok_or_else(|| {
+        let vendor = crate::host::host_vendor().ok_or_else(|| {
             HypervisorError::Unsupported("host CPU is neither Intel nor AMD".into())
         })?;
         let caps = probe(&kvm, vendor)?;
@@ -78,11 +80,11 @@ pub(crate) fn bracketed_guest_tsc(
         ..Default::default()
     }])
     .map_err(|_| HypervisorError::InvalidArgument("MSR list".into()))?;
-    let h0 = clock::rdtsc();
+    let h0 = crate::host::rdtsc();
     let n = vcpu
         .get_msrs(&mut msrs)
         .map_err(|e| HypervisorError::ioctl("KVM_GET_MSRS", e.errno()))?;
-    let h1 = clock::rdtsc();
+    let h1 = crate::host::rdtsc();
     if n != 1 {
         return Err(HypervisorError::Unsupported(
             "KVM_GET_MSRS did not return MSR_IA32_TSC".into(),
@@ -137,7 +139,7 @@ fn probe_offsets(vcpu: &kvm_ioctls::VcpuFd, attr: bool) -> Result<bool, Hypervis
         let (h0, g, h1) = bracketed_guest_tsc(vcpu)?;
         Ok(read == PROBE_OFFSET && delta_matches(h0, g, h1, PROBE_OFFSET))
     } else {
-        let target = clock::rdtsc().wrapping_add(PROBE_OFFSET);
+        let target = crate::host::rdtsc().wrapping_add(PROBE_OFFSET);
         let msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
             index: msr::IA32_TSC,
             data: target,

@@ -1,17 +1,17 @@
 //! [`KvmVcpu`]: one KVM vCPU, its run loop, its kicker and its saved state.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_run, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::arch::{msr, CpuIdEntry, MsrEntry, SpecialRegisters, StandardRegisters};
-use crate::cpu::{TscWriteBack, Vcpu, VcpuKicker, VmExit};
+use crate::cpu::{Vcpu, VcpuKicker, VmExit};
+use crate::kvm::x86_64::convert;
+use crate::kvm::x86_64::tsc::engine::{self, TimeVcpu};
 use crate::kvm::x86_64::vendor::AFTER_TSC_MSRS;
-use crate::kvm::x86_64::{attr, convert};
-use crate::kvm::{bracketed_guest_tsc, clock};
 use crate::tsc::VcpuTscReading;
 use crate::{HypervisorError, VcpuState};
 
@@ -97,8 +97,6 @@ pub struct KvmVcpu {
     kicker: Arc<KvmKicker>,
     /// MSRs from `set_state` that must wait until the TSC is in place (TSC_DEADLINE).
     after_tsc: Mutex<Vec<MsrEntry>>,
-    /// `after_tsc` is not empty: checked on every `run` without taking the lock.
-    after_tsc_pending: AtomicBool,
 }
 
 impl KvmVcpu {
@@ -110,7 +108,6 @@ impl KvmVcpu {
             caps,
             kicker,
             after_tsc: Mutex::new(Vec::new()),
-            after_tsc_pending: AtomicBool::new(false),
         })
     }
 
@@ -188,7 +185,6 @@ impl KvmVcpu {
     fn flush_after_tsc(&self) -> Result<(), HypervisorError> {
         let pending =
             std::mem::take(&mut *self.after_tsc.lock().unwrap_or_else(|e| e.into_inner()));
-        self.after_tsc_pending.store(false, Ordering::Release);
         self.write_msrs(&pending)
     }
 }
@@ -202,14 +198,21 @@ impl Vcpu for KvmVcpu {
     /// give [`VmExit::Interrupted`], and the immediate-exit flag is cleared here: a caller sets
     /// its own "pause/stop requested" state *before* kicking and checks it on `Interrupted`.
     ///
-    /// MSRs that `set_state` held back and no TSC write has flushed yet are written first: the
-    /// TSC this vCPU runs with is in place by now (a thaw that writes no offset, on a host that
-    /// ignores offsets, leaves the host's TSC; a VM built with `set_state` and never thawed
-    /// keeps the TSC it has). Without this an idle guest restored there would keep its
-    /// TSC-deadline timer disarmed and sleep for good.
+    /// MSRs that `set_state` held back for a TSC write that never came (a state set without a
+    /// thaw, as a VMM does at boot to make application processors runnable) are dropped here:
+    /// a TSC_DEADLINE only means something against the TSC it was saved with, which no thaw
+    /// restored, and left pending the next thaw would write it over the deadline the guest
+    /// armed since (its vCPU would sleep for good). Dropped, not written: this runs on the
+    /// vCPU thread, which has no business writing MSRs (and a VMM's seccomp filter may say so).
     fn run(&mut self) -> Result<VmExit<'_>, HypervisorError> {
-        if self.after_tsc_pending.load(Ordering::Acquire) {
-            self.flush_after_tsc()?;
+        let pending = self.after_tsc.get_mut().unwrap_or_else(|e| e.into_inner());
+        if !pending.is_empty() {
+            log::debug!(
+                "vCPU {}: runs before any thaw; dropping {} MSR(s) held back for the TSC",
+                self.id,
+                pending.len()
+            );
+            pending.clear();
         }
         let kicker = &self.kicker;
         let id = self.id;
@@ -305,55 +308,9 @@ impl Vcpu for KvmVcpu {
         }
     }
 
-    /// `O + A_i` from KVM_VCPU_TSC_OFFSET, and `A_i` from a host-initiated TSC_ADJUST read.
-    /// Without the attribute the offset is derived from a bracketed MSR_IA32_TSC read against
-    /// the host TSC, which is only exact for an unscaled guest.
+    /// `O + A_i` and `A_i`, as the TSC engine reads them (`engine::tsc_reading`).
     fn tsc_reading(&self) -> Result<VcpuTscReading, HypervisorError> {
-        let offset = if self.caps.tsc_offset_attr {
-            attr::tsc_offset(&self.fd)?
-        } else {
-            let (h0, g, h1) = bracketed_guest_tsc(&self.fd)?;
-            g.wrapping_sub(h0.wrapping_add(h1.wrapping_sub(h0) / 2))
-        };
-        let adj = self.read_msrs(&[msr::IA32_TSC_ADJUST], false)?;
-        Ok(VcpuTscReading {
-            offset,
-            tsc_adjust: adj[0].data,
-        })
-    }
-
-    fn set_tsc(&self, offset: u64, tsc_adjust: u64) -> Result<TscWriteBack, HypervisorError> {
-        if !self.caps.tsc_offset_attr {
-            return Err(HypervisorError::Unsupported(
-                "KVM_VCPU_TSC_OFFSET is missing (kernel older than 5.16): use MSR_IA32_TSC".into(),
-            ));
-        }
-        attr::set_tsc_offset(&self.fd, offset)?;
-        self.write_msrs(&[MsrEntry {
-            index: msr::IA32_TSC_ADJUST,
-            data: tsc_adjust,
-        }])?;
-        self.flush_after_tsc()?;
-        let offset_read_back = attr::tsc_offset(&self.fd)?;
-        let (host_tsc_before, guest_tsc, host_tsc_after) = bracketed_guest_tsc(&self.fd)?;
-        Ok(TscWriteBack {
-            offset_read_back,
-            guest_tsc,
-            host_tsc_before,
-            host_tsc_after,
-        })
-    }
-
-    fn tsc_khz(&self) -> Result<u32, HypervisorError> {
-        self.fd
-            .get_tsc_khz()
-            .map_err(|e| HypervisorError::ioctl("KVM_GET_TSC_KHZ", e.errno()))
-    }
-
-    fn set_tsc_khz(&self, khz: u32) -> Result<(), HypervisorError> {
-        self.fd
-            .set_tsc_khz(khz)
-            .map_err(|e| HypervisorError::ioctl("KVM_SET_TSC_KHZ", e.errno()))
+        engine::tsc_reading(&self.fd, self.caps.tsc_offset_attr)
     }
 
     fn state(&self) -> Result<VcpuState, HypervisorError> {
@@ -424,9 +381,10 @@ impl Vcpu for KvmVcpu {
     }
 
     /// Restores registers, LAPIC, events and MSRs. MSRs interpreted against the TSC
-    /// (TSC_DEADLINE) are held back and written right after the TSC, by `set_tsc` (or a
-    /// `set_msrs` of MSR_IA32_TSC), as [`crate::kvm::x86_64::vendor::RESTORE_ORDER`] requires,
-    /// and at the latest just before the vCPU next runs.
+    /// (TSC_DEADLINE) are held back and written right after the TSC is in place, by the thaw
+    /// (`TimeVcpu::tsc_in_place`) or a `set_msrs` of MSR_IA32_TSC: KVM converts the deadline
+    /// against the guest TSC current when it is written. If the vCPU runs
+    /// first they are dropped (see `run`).
     fn set_state(&self, state: &VcpuState) -> Result<(), HypervisorError> {
         state.validate()?;
         if state.nested.is_some() && !self.caps.nested_state {
@@ -467,9 +425,7 @@ impl Vcpu for KvmVcpu {
             .iter()
             .partition(|m| AFTER_TSC_MSRS.contains(&m.index));
         self.write_msrs(&now)?;
-        let pending = !after.is_empty();
         *self.after_tsc.lock().unwrap_or_else(|e| e.into_inner()) = after;
-        self.after_tsc_pending.store(pending, Ordering::Release);
         if let Some(e) = &state.events {
             self.fd
                 .set_vcpu_events(&convert::events_to_kvm(e))
@@ -489,9 +445,19 @@ impl Vcpu for KvmVcpu {
         }
         Ok(())
     }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
-/// The host TSC now (re-exported for tests and benches that bracket guest reads).
-pub fn host_tsc() -> u64 {
-    clock::rdtsc()
+impl TimeVcpu for KvmVcpu {
+    fn vcpu_fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Writes the MSRs `set_state` held back until the TSC was in place.
+    fn tsc_in_place(&self) -> Result<(), HypervisorError> {
+        self.flush_after_tsc()
+    }
 }

@@ -30,8 +30,6 @@ pub struct KvmVm {
     pub(crate) guest_khz: AtomicU32,
     /// Whether the last thaw's read-back showed offsets honoured (refines the probe).
     pub(crate) offsets_seen: Mutex<Option<bool>>,
-    /// The last snapshot this VM froze: thawing it again is a resume on the same host and boot.
-    pub(crate) last_capture: Mutex<Option<crate::tsc::TscSnapshot>>,
 }
 
 impl KvmVm {
@@ -65,7 +63,6 @@ impl KvmVm {
             caps,
             vcpu_caps,
             offsets_seen: Mutex::new(None),
-            last_capture: Mutex::new(None),
         })
     }
 

@@ -17,12 +17,12 @@ use mshv_bindings::{
 use mshv_ioctls::{Mshv, MshvError, VcpuFd, VmFd};
 
 use crate::arch::{msr, CpuIdEntry, MsrEntry, SpecialRegisters, StandardRegisters};
-use crate::cpu::{TscWriteBack, Vcpu, VcpuKicker, VmExit};
+use crate::cpu::{Vcpu, VcpuKicker, VmExit};
+use crate::host::{rdtsc, realtime_ns};
 use crate::hypervisor::Hypervisor;
-use crate::kvm::clock::{rdtsc, realtime_ns};
 use crate::tsc::{
     capture, plan_thaw, tsc_ratio, Capture, ClockPolicy, ClockReport, HostSample, HostTsc,
-    TscSnapshot, VcpuTscReading, Vendor,
+    ThawOrigin, TscSnapshot, VcpuTscReading, Vendor,
 };
 use crate::vm::{TscState, Vm};
 use crate::{HypervisorError, TscCapabilities, VcpuState};
@@ -54,7 +54,7 @@ impl MshvHypervisor {
     /// Open `/dev/mshv`.
     pub fn new() -> Result<Self, HypervisorError> {
         let mshv = Mshv::new().map_err(err("open /dev/mshv"))?;
-        let vendor = crate::kvm::x86_64::vendor::host_vendor().ok_or_else(|| {
+        let vendor = crate::host::host_vendor().ok_or_else(|| {
             HypervisorError::Unsupported("host CPU is neither Intel nor AMD".into())
         })?;
         Ok(MshvHypervisor { mshv, vendor })
@@ -103,17 +103,9 @@ impl Hypervisor for MshvHypervisor {
     }
 }
 
-/// Host TSC kHz from CPUID leaf 0x15 (crystal ratio) when it is complete, else 0 (unknown).
+/// Host TSC kHz from CPUID leaf 0x15, or 0 (unknown).
 fn host_tsc_khz() -> u32 {
-    let max = core::arch::x86_64::__cpuid(0).eax;
-    if max < 0x15 {
-        return 0;
-    }
-    let r = core::arch::x86_64::__cpuid(0x15);
-    if r.eax == 0 || r.ebx == 0 || r.ecx == 0 {
-        return 0;
-    }
-    (u64::from(r.ecx) * u64::from(r.ebx) / u64::from(r.eax) / 1000) as u32
+    crate::host::cpuid_tsc_khz().unwrap_or(0)
 }
 
 /// One MSHV partition.
@@ -149,7 +141,11 @@ impl TscState for MshvVm {
     fn guest_tsc_khz(&self) -> u32 {
         self.caps.host_tsc_khz
     }
-    fn freeze(&self, vcpus: &[&dyn Vcpu]) -> Result<Capture, HypervisorError> {
+    fn freeze_with_readings(
+        &self,
+        vcpus: &[&dyn Vcpu],
+        readings: &[Option<VcpuTscReading>],
+    ) -> Result<Capture, HypervisorError> {
         self.fd
             .set_partition_property(TIME_FREEZE, 1)
             .map_err(err("HV_PARTITION_PROPERTY_TIME_FREEZE"))?;
@@ -168,7 +164,11 @@ impl TscState for MshvVm {
         };
         let readings = vcpus
             .iter()
-            .map(|v| v.tsc_reading())
+            .enumerate()
+            .map(|(i, v)| match readings.get(i).copied().flatten() {
+                Some(r) => Ok(r),
+                None => v.tsc_reading(),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let khz = self.guest_tsc_khz();
         Ok(capture(
@@ -184,6 +184,8 @@ impl TscState for MshvVm {
         &self,
         vcpus: &[&dyn Vcpu],
         snapshot: &TscSnapshot,
+        // Reference time is per partition and restored as planned: no same-host shortcut.
+        origin: ThawOrigin,
         policy: ClockPolicy,
     ) -> Result<ClockReport, HypervisorError> {
         snapshot.check_vcpus(vcpus.len())?;
@@ -214,6 +216,7 @@ impl TscState for MshvVm {
             None,
             true,
         );
+        r.origin = Some(origin);
         r.warnings.push(
             "mshv: the guest TSC follows the partition reference time; no per-vCPU offsets".into(),
         );
@@ -406,20 +409,14 @@ impl Vcpu for MshvVcpu {
             tsc_adjust,
         })
     }
-    fn set_tsc(&self, _offset: u64, _tsc_adjust: u64) -> Result<TscWriteBack, HypervisorError> {
-        unsupported("per-vCPU TSC offsets (MSHV keeps time per partition)")
-    }
-    fn tsc_khz(&self) -> Result<u32, HypervisorError> {
-        Ok(host_tsc_khz())
-    }
-    fn set_tsc_khz(&self, _khz: u32) -> Result<(), HypervisorError> {
-        unsupported("set_tsc_khz")
-    }
     fn state(&self) -> Result<VcpuState, HypervisorError> {
         unsupported("vCPU state")
     }
     fn set_state(&self, _state: &VcpuState) -> Result<(), HypervisorError> {
         unsupported("vCPU state")
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 

@@ -15,6 +15,7 @@
 //! * [`arith`]: KVM's ratio, scaling and pvclock arithmetic, bit for bit.
 //! * [`plan`]: [`capture`] and [`plan_thaw`] (and [`plan_for_actual_tsc`] for
 //!   hosts that ignore offsets).
+//! * [`origin`]: [`ThawOrigin`], why a clock is being restored.
 //! * [`state`]: [`TscSnapshot`], parsed and validated from `state.json`.
 //! * [`report`]: [`ClockReport`], what a thaw actually did.
 //!

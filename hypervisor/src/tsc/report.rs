@@ -66,6 +66,9 @@ pub struct ClockReport {
     pub error_bound_ns: u64,
     /// Warnings from planning and verification.
     pub warnings: Vec<String>,
+    /// Why the clock was restored (absent from reports of builds before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<super::origin::ThawOrigin>,
 }
 
 impl ClockReport {
@@ -99,6 +102,7 @@ impl ClockReport {
             kvmclock_ns: plan.set_clock.clock_ns,
             error_bound_ns: plan.error_bound_ns,
             warnings: plan.warnings.clone(),
+            origin: None,
         }
     }
 }
@@ -121,6 +125,7 @@ mod tests {
             kvmclock_ns: 9,
             error_bound_ns: 1,
             warnings: vec!["w".into()],
+            origin: None,
         };
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["policy_requested"], "frozen");

@@ -262,9 +262,6 @@ pub fn vcpu_rules() -> KindRules {
             KVM_RUN,
             KVM_KVMCLOCK_CTRL,
             KVM_GET_MSRS,
-            // The MSRs a restore held back until the TSC is in place (TSC_DEADLINE), written
-            // just before the vCPU's first run when no thaw wrote them.
-            KVM_SET_MSRS,
             KVM_HAS_DEVICE_ATTR,
             KVM_GET_DEVICE_ATTR,
         ])

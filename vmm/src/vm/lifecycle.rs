@@ -42,9 +42,14 @@ impl Vm {
         let capture = {
             let guards = self.vcpus.lock_all();
             let refs: Vec<&dyn Vcpu> = guards.iter().map(|g| g.as_ref()).collect();
-            match self.vm.freeze(&refs) {
+            // What each vCPU thread read from its own vCPU as it parked (its TSC offset and
+            // TSC_ADJUST, and whether it already told the guest with KVMCLOCK_CTRL).
+            let park = self.vcpus.take_park_reads();
+            let readings: Vec<_> = park.iter().map(|p| p.reading).collect();
+            match self.vm.freeze_with_readings(&refs, &readings) {
                 Ok(c) => {
-                    for v in &refs {
+                    let told = park.iter().map(|p| p.clock_paused);
+                    for v in refs.iter().zip(told).filter(|(_, t)| !t).map(|(v, _)| v) {
                         if let Err(e) = v.notify_guest_clock_paused() {
                             // EINVAL until the guest has enabled kvmclock: not an error.
                             log::debug!("vCPU {}: KVMCLOCK_CTRL: {e}", v.id());
@@ -114,7 +119,7 @@ impl Vm {
             let guards = self.vcpus.lock_all();
             let refs: Vec<&dyn Vcpu> = guards.iter().map(|g| g.as_ref()).collect();
             self.vm
-                .thaw(&refs, &frozen.capture.snapshot, policy)
+                .thaw(&refs, &frozen.capture.snapshot, frozen.origin, policy)
                 .map_err(hv_err(format!("thaw guest time ({policy})")))?
         };
         let thaw = t0.elapsed();

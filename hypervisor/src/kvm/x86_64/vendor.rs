@@ -1,34 +1,18 @@
 //! Intel VMX and AMD SVM under KVM, as one table.
 //!
-//! Everything that differs between the two lives in [`PROFILES`], as data: the scaling format
-//! (taken from [`crate::tsc::Vendor::scaling`]), where the hardware keeps ratio and offset, and
-//! the vendor-specific MSRs saved with a vCPU. Code elsewhere asks [`profile`] instead of
-//! branching on the vendor.
+//! Everything that differs between the two and that code acts on lives in [`PROFILES`], as
+//! data: the scaling format (taken from [`crate::tsc::Vendor::scaling`]) and the vendor-specific
+//! MSRs saved with a vCPU. Code elsewhere asks [`profile`] instead of branching on the vendor.
+//! Descriptive columns that no code read (the extension's name, where the hardware keeps ratio
+//! and offset) and a restore-order table that only its own test read were deleted rather than
+//! kept as documentation that could drift: the restore order is code, in one place
+//! ([`AFTER_TSC_MSRS`] is held back by `KvmVcpu::set_state` and written by the TSC engine right
+//! after the TSC, because KVM converts TSC_DEADLINE against the current guest TSC).
 //!
-//! Both vendors save TSC_AUX (0xC0000103) per vCPU, and both restore in the order of
-//! [`RESTORE_ORDER`]: TSC_DEADLINE only once the TSC is in place, because KVM converts the
-//! deadline against the current guest TSC when it is written.
+//! Both vendors save TSC_AUX (0xC0000103) per vCPU.
 
 use crate::arch::msr;
 use crate::tsc::{ScalingSpec, Vendor};
-
-/// One step of restoring a vCPU's time-related state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RestoreStep {
-    /// Registers, LAPIC, events and every MSR not listed below.
-    Ordinary,
-    /// The TSC: `KVM_VCPU_TSC_OFFSET` (or an `MSR_IA32_TSC` write) and TSC_ADJUST.
-    Tsc,
-    /// MSRs that are interpreted against the TSC ([`AFTER_TSC_MSRS`]).
-    AfterTsc,
-}
-
-/// The order of [`RestoreStep`]s, the same on both vendors.
-pub const RESTORE_ORDER: [RestoreStep; 3] = [
-    RestoreStep::Ordinary,
-    RestoreStep::Tsc,
-    RestoreStep::AfterTsc,
-];
 
 /// MSRs written only after the TSC is restored.
 pub const AFTER_TSC_MSRS: &[u32] = &[msr::IA32_TSC_DEADLINE];
@@ -71,12 +55,6 @@ pub const ALWAYS_TRY_MSRS: &[u32] = &[msr::TSC_AUX];
 pub struct VendorProfile {
     /// The vendor.
     pub vendor: Vendor,
-    /// The virtualisation extension's name, for logs and reports.
-    pub extension: &'static str,
-    /// Where the hardware keeps the TSC ratio.
-    pub ratio_location: &'static str,
-    /// Where the hardware keeps the TSC offset.
-    pub offset_location: &'static str,
     /// MSRs saved only on this vendor (filtered by the host's list like [`COMMON_MSRS`]).
     pub extra_msrs: &'static [u32],
 }
@@ -85,9 +63,6 @@ pub struct VendorProfile {
 pub const PROFILES: [VendorProfile; 2] = [
     VendorProfile {
         vendor: Vendor::Intel,
-        extension: "VMX",
-        ratio_location: "VMCS TSC multiplier",
-        offset_location: "VMCS TSC offset",
         extra_msrs: &[
             0x3a,  // IA32_FEATURE_CONTROL
             0xe1,  // IA32_UMWAIT_CONTROL
@@ -96,9 +71,6 @@ pub const PROFILES: [VendorProfile; 2] = [
     },
     VendorProfile {
         vendor: Vendor::Amd,
-        extension: "SVM",
-        ratio_location: "MSR 0xC0000104 (TSC ratio)",
-        offset_location: "VMCB TSC offset",
         extra_msrs: &[
             0xc001_0015, // HWCR
             0xc001_011f, // VIRT_SPEC_CTRL
@@ -134,17 +106,6 @@ impl VendorProfile {
     }
 }
 
-/// The host CPU's vendor from CPUID leaf 0, or `None` for a CPU that is neither.
-pub fn host_vendor() -> Option<Vendor> {
-    // CPUID leaf 0 is available on every x86_64 CPU and has no side effects.
-    let r = core::arch::x86_64::__cpuid(0);
-    let mut s = [0u8; 12];
-    s[0..4].copy_from_slice(&r.ebx.to_le_bytes());
-    s[4..8].copy_from_slice(&r.edx.to_le_bytes());
-    s[8..12].copy_from_slice(&r.ecx.to_le_bytes());
-    Vendor::from_cpuid_vendor(&s)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,16 +137,8 @@ mod tests {
     }
 
     #[test]
-    fn deadline_restored_after_tsc() {
-        let pos = |s| RESTORE_ORDER.iter().position(|x| *x == s).unwrap();
-        assert!(pos(RestoreStep::Tsc) < pos(RestoreStep::AfterTsc));
+    fn deadline_held_back_and_tsc_aux_saved() {
         assert!(AFTER_TSC_MSRS.contains(&msr::IA32_TSC_DEADLINE));
         assert!(COMMON_MSRS.contains(&msr::TSC_AUX));
-    }
-
-    #[test]
-    fn this_host_has_a_known_vendor() {
-        // Every machine this project runs on is Intel or AMD; a None here is a table bug.
-        assert!(host_vendor().is_some(), "CPUID vendor not in the table");
     }
 }

@@ -16,12 +16,21 @@
 //! than doubled the time to park them (about 550 µs against 230 µs at p50).
 //!
 //! Each thread also reads its own vCPU's TSC state (`Vcpu::tsc_reading`) and tells the guest
-//! that it is being stopped (`KVMCLOCK_CTRL`) as it parks for a pause, and the freeze that
-//! follows uses those ([`ParkReads`]) instead of doing the same per-vCPU ioctls one after the
-//! other on the controller thread: the threads do them side by side, on their own vCPUs. The
-//! values cannot change while the vCPU is stopped, and any write through the vCPU drops them.
-//! On the 2-core development host this only moves the time (the freeze of 16 vCPUs drops from
-//! about 235 µs to 5 µs, the park grows by as much); with free cores the reads overlap.
+//! that it is being stopped (`KVMCLOCK_CTRL`) as it parks for a pause ([`park`]); the controller
+//! hands those readings to `TscState::freeze_with_readings` ([`VcpuSet::take_park_reads`])
+//! instead of doing the same per-vCPU ioctls one after the other: the threads do them side by
+//! side, on their own vCPUs. On the 2-core development host this only moves the time (the
+//! freeze of 16 vCPUs drops from about 235 µs to 5 µs, the park grows by as much); with free
+//! cores the reads overlap.
+//!
+//! * [`park`]: what a thread reads at its park, and how long it holds.
+//! * [`sched`]: the short time slice for threads that carry a pause or resume.
+
+mod park;
+mod sched;
+
+pub use park::ParkRead;
+pub use sched::{request_short_slice, CONTROL_SLICE};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
@@ -31,15 +40,13 @@ use std::time::{Duration, Instant};
 
 use devices::probe::TimeProbe;
 use devices::{BusAction, PioBus};
-use hypervisor::arch::{CpuIdEntry, MsrEntry, SpecialRegisters, StandardRegisters};
-use hypervisor::cpu::TscWriteBack;
-use hypervisor::tsc::VcpuTscReading;
-use hypervisor::{HypervisorError, Vcpu, VcpuKicker, VcpuState, VmExit};
+use hypervisor::{Vcpu, VcpuKicker, VmExit};
 use log::{debug, error, info};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::Killable;
 
 use crate::signal::vcpu_kick_signal;
+use park::ParkCache;
 
 /// Why the VM stopped on its own (sent to the main thread).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +135,8 @@ pub struct VcpuHandle {
     /// The vCPU, locked by its thread while running.
     pub vcpu: Arc<Mutex<Box<dyn Vcpu>>>,
     kicker: Arc<dyn VcpuKicker>,
+    /// What its thread read at the latest park.
+    park: Arc<ParkCache>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -172,11 +181,8 @@ impl VcpuSet {
         for (index, mut v) in vcpus.into_iter().enumerate() {
             let id = v.id();
             let kicker = v.kicker();
-            let cache = Arc::new(Mutex::new(ParkCache::default()));
-            let v: Box<dyn Vcpu> = Box::new(ParkReads {
-                inner: v,
-                cache: cache.clone(),
-            });
+            let park = Arc::new(ParkCache::default());
+            let cache = park.clone();
             let vcpu = Arc::new(Mutex::new(v));
             let (s, vc, k) = (shared.clone(), vcpu.clone(), kicker.clone());
             let thread = std::thread::Builder::new()
@@ -189,6 +195,7 @@ impl VcpuSet {
                 id,
                 vcpu,
                 kicker,
+                park,
                 thread: Some(thread),
             });
         }
@@ -323,6 +330,14 @@ impl VcpuSet {
         Duration::from_nanos(self.shared.lock().last_release_ns)
     }
 
+    /// What each vCPU's thread read as it parked for this pause (in vCPU order), once: a
+    /// second call, or a call after the vCPUs ran, gives `ParkRead::default()` for it. Call
+    /// while paused; pass the readings to `TscState::freeze_with_readings` and tell only the
+    /// guests whose `clock_paused` is false.
+    pub fn take_park_reads(&self) -> Vec<ParkRead> {
+        self.vcpus.iter().map(|v| v.park.take()).collect()
+    }
+
     /// Lock every vCPU (call while paused, when no thread holds one).
     pub fn lock_all(&self) -> Vec<MutexGuard<'_, Box<dyn Vcpu>>> {
         self.vcpus.iter().map(|v| lock_vcpu(&v.vcpu)).collect()
@@ -351,172 +366,6 @@ impl VcpuSet {
 impl Drop for VcpuSet {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// The time slice [`request_short_slice`] asks for on the pause/resume control path.
-pub const CONTROL_SLICE: Duration = Duration::from_micros(100);
-
-/// Ask the scheduler for a short time slice for the calling thread (`sched_setattr` with
-/// `sched_runtime`, which Linux's EEVDF scheduler reads as the thread's slice since 6.12; older
-/// kernels accept and ignore it). A thread with a short slice gets an early deadline when it
-/// wakes, so it runs soon after its wake-up even when every core is busy (vCPU threads of a busy
-/// guest, other VMs), instead of waiting for the running thread's slice to end. Meant for the
-/// threads that carry a pause or resume request: they run for microseconds and then sleep, so
-/// this costs the rest of the host nothing. A thread under a real-time policy is left alone.
-pub fn request_short_slice(slice: Duration) -> std::io::Result<()> {
-    let size = std::mem::size_of::<libc::sched_attr>() as u32;
-    let mut attr = libc::sched_attr {
-        size,
-        sched_policy: 0,
-        sched_flags: 0,
-        sched_nice: 0,
-        sched_priority: 0,
-        sched_runtime: 0,
-        sched_deadline: 0,
-        sched_period: 0,
-    };
-    // SAFETY: sched_getattr(2) on the calling thread (pid 0) writes at most `size` bytes into
-    // `attr`, a live local of exactly that size.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_sched_getattr,
-            0,
-            &mut attr as *mut libc::sched_attr,
-            size,
-            0,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if attr.sched_policy != libc::SCHED_OTHER as u32 {
-        return Ok(());
-    }
-    attr.size = size;
-    attr.sched_flags = 0;
-    attr.sched_runtime = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
-    // SAFETY: sched_setattr(2) on the calling thread reads `size` bytes from `attr`, a live,
-    // initialised local; it keeps the policy and nice value read above.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_sched_setattr,
-            0,
-            &attr as *const libc::sched_attr,
-            0,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// What a vCPU thread read from its own vCPU as it parked for a pause.
-#[derive(Debug, Default)]
-struct ParkCache {
-    /// `Vcpu::tsc_reading`, taken after the vCPU left `KVM_RUN`.
-    reading: Option<VcpuTscReading>,
-    /// `KVMCLOCK_CTRL` succeeded for this stop.
-    clock_paused: bool,
-}
-
-fn lock_cache(c: &Mutex<ParkCache>) -> MutexGuard<'_, ParkCache> {
-    c.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// On the vCPU's own thread, stopped for a pause: the per-vCPU half of the freeze.
-fn read_at_park(id: u32, vcpu: &dyn Vcpu, cache: &Mutex<ParkCache>) {
-    let reading = vcpu.tsc_reading();
-    let clock = vcpu.notify_guest_clock_paused();
-    if let Err(e) = &clock {
-        // EINVAL until the guest has enabled kvmclock; the controller tries again.
-        debug!("vCPU {id}: KVMCLOCK_CTRL at park: {e}");
-    }
-    let mut c = lock_cache(cache);
-    c.reading = reading.ok();
-    c.clock_paused = clock.is_ok();
-}
-
-/// A vCPU as the rest of the VMM sees it: the hypervisor's vCPU, except that while it is
-/// parked for a pause, [`Vcpu::tsc_reading`] answers what its thread read at the park and
-/// [`Vcpu::notify_guest_clock_paused`] knows the thread already told the guest. Every write
-/// through it drops both first (a thaw reads the offsets back after writing them).
-struct ParkReads {
-    inner: Box<dyn Vcpu>,
-    cache: Arc<Mutex<ParkCache>>,
-}
-
-impl ParkReads {
-    fn forget(&self) {
-        *lock_cache(&self.cache) = ParkCache::default();
-    }
-}
-
-impl Vcpu for ParkReads {
-    fn id(&self) -> u32 {
-        self.inner.id()
-    }
-    fn run(&mut self) -> Result<VmExit<'_>, HypervisorError> {
-        self.inner.run()
-    }
-    fn kicker(&mut self) -> Arc<dyn VcpuKicker> {
-        self.inner.kicker()
-    }
-    fn set_cpuid(&self, entries: &[CpuIdEntry]) -> Result<(), HypervisorError> {
-        self.forget();
-        self.inner.set_cpuid(entries)
-    }
-    fn regs(&self) -> Result<StandardRegisters, HypervisorError> {
-        self.inner.regs()
-    }
-    fn set_regs(&self, regs: &StandardRegisters) -> Result<(), HypervisorError> {
-        self.forget();
-        self.inner.set_regs(regs)
-    }
-    fn sregs(&self) -> Result<SpecialRegisters, HypervisorError> {
-        self.inner.sregs()
-    }
-    fn set_sregs(&self, sregs: &SpecialRegisters) -> Result<(), HypervisorError> {
-        self.forget();
-        self.inner.set_sregs(sregs)
-    }
-    fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>, HypervisorError> {
-        self.inner.msrs(indices)
-    }
-    fn set_msrs(&self, entries: &[MsrEntry]) -> Result<(), HypervisorError> {
-        self.forget();
-        self.inner.set_msrs(entries)
-    }
-    fn notify_guest_clock_paused(&self) -> Result<(), HypervisorError> {
-        if std::mem::take(&mut lock_cache(&self.cache).clock_paused) {
-            return Ok(());
-        }
-        self.inner.notify_guest_clock_paused()
-    }
-    fn tsc_reading(&self) -> Result<VcpuTscReading, HypervisorError> {
-        if let Some(r) = lock_cache(&self.cache).reading {
-            return Ok(r);
-        }
-        self.inner.tsc_reading()
-    }
-    fn set_tsc(&self, offset: u64, tsc_adjust: u64) -> Result<TscWriteBack, HypervisorError> {
-        self.forget();
-        self.inner.set_tsc(offset, tsc_adjust)
-    }
-    fn tsc_khz(&self) -> Result<u32, HypervisorError> {
-        self.inner.tsc_khz()
-    }
-    fn set_tsc_khz(&self, khz: u32) -> Result<(), HypervisorError> {
-        self.forget();
-        self.inner.set_tsc_khz(khz)
-    }
-    fn state(&self) -> Result<VcpuState, HypervisorError> {
-        self.inner.state()
-    }
-    fn set_state(&self, state: &VcpuState) -> Result<(), HypervisorError> {
-        self.forget();
-        self.inner.set_state(state)
     }
 }
 
@@ -554,7 +403,7 @@ fn vcpu_loop(
     index: usize,
     vcpu: Arc<Mutex<Box<dyn Vcpu>>>,
     kicker: Arc<dyn VcpuKicker>,
-    cache: Arc<Mutex<ParkCache>>,
+    cache: Arc<ParkCache>,
     shared: Arc<Shared>,
 ) {
     debug!("vCPU {id} thread started");
@@ -613,7 +462,7 @@ fn vcpu_loop(
         // What was read at the park is only good while the vCPU stays stopped: drop it before
         // the vCPU runs. (A thread that left the park and meets the next pause before running
         // keeps it: nothing ran or was written since.)
-        *lock_cache(&cache) = ParkCache::default();
+        cache.clear();
         let leave = {
             let mut guard = lock_vcpu(&vcpu);
             let leave = run_until_leave(id, guard.as_mut(), &shared);
@@ -623,7 +472,7 @@ fn vcpu_loop(
                     c.pause && !c.stop
                 };
                 if pausing {
-                    read_at_park(id, guard.as_ref(), &cache);
+                    cache.read_at_park(id, guard.as_ref());
                 }
             }
             leave
@@ -705,269 +554,4 @@ fn run_until_leave(id: u32, vcpu: &mut dyn Vcpu, shared: &Shared) -> Leave {
 }
 
 #[cfg(test)]
-mod tests {
-    //! The pause protocol with fake vCPUs (no /dev/kvm needed): a fake `run` does a little
-    //! "guest work" and returns a port write, or returns `Interrupted` at once while its kicker
-    //! is set, as KVM does with `immediate_exit`.
-
-    use super::*;
-    use hypervisor::arch::{CpuIdEntry, MsrEntry, SpecialRegisters, StandardRegisters};
-    use hypervisor::cpu::TscWriteBack;
-    use hypervisor::tsc::VcpuTscReading;
-    use hypervisor::{HypervisorError, VcpuState};
-    use std::sync::atomic::AtomicU64;
-    use std::sync::mpsc;
-    use vm_memory::GuestAddress;
-
-    struct FlagKicker(AtomicBool);
-    impl VcpuKicker for FlagKicker {
-        fn set(&self, exit: bool) {
-            self.0.store(exit, Ordering::SeqCst);
-        }
-    }
-
-    /// What the fake guest does once it has run `after` times.
-    #[derive(Clone, Copy)]
-    enum Then {
-        Work,
-        Halt,
-        Shutdown,
-    }
-
-    struct FakeVcpu {
-        id: u32,
-        kicker: Arc<FlagKicker>,
-        runs: Arc<AtomicU64>,
-        after: u64,
-        then: Then,
-        buf: [u8; 1],
-        /// Calls of `tsc_reading` and `notify_guest_clock_paused` so far.
-        calls: AtomicU64,
-    }
-
-    fn unsupported<T>() -> Result<T, HypervisorError> {
-        Err(HypervisorError::Unsupported("fake vCPU".into()))
-    }
-
-    impl Vcpu for FakeVcpu {
-        fn id(&self) -> u32 {
-            self.id
-        }
-        fn run(&mut self) -> Result<VmExit<'_>, HypervisorError> {
-            if self.kicker.0.load(Ordering::SeqCst) {
-                return Ok(VmExit::Interrupted);
-            }
-            let n = self.runs.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_micros(50));
-            match (self.then, n >= self.after) {
-                (Then::Halt, true) => Ok(VmExit::Hlt),
-                (Then::Shutdown, true) => Ok(VmExit::Shutdown),
-                _ => Ok(VmExit::IoOut {
-                    port: 0x80,
-                    data: &self.buf,
-                }),
-            }
-        }
-        fn kicker(&mut self) -> Arc<dyn VcpuKicker> {
-            self.kicker.clone()
-        }
-        fn set_cpuid(&self, _: &[CpuIdEntry]) -> Result<(), HypervisorError> {
-            Ok(())
-        }
-        fn regs(&self) -> Result<StandardRegisters, HypervisorError> {
-            Ok(StandardRegisters::default())
-        }
-        fn set_regs(&self, _: &StandardRegisters) -> Result<(), HypervisorError> {
-            Ok(())
-        }
-        fn sregs(&self) -> Result<SpecialRegisters, HypervisorError> {
-            Ok(SpecialRegisters::default())
-        }
-        fn set_sregs(&self, _: &SpecialRegisters) -> Result<(), HypervisorError> {
-            Ok(())
-        }
-        fn msrs(&self, _: &[u32]) -> Result<Vec<MsrEntry>, HypervisorError> {
-            Ok(Vec::new())
-        }
-        fn set_msrs(&self, _: &[MsrEntry]) -> Result<(), HypervisorError> {
-            Ok(())
-        }
-        fn notify_guest_clock_paused(&self) -> Result<(), HypervisorError> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-        /// The runs so far, and in `tsc_adjust` the number of earlier calls (to tell a fresh
-        /// reading from a kept one).
-        fn tsc_reading(&self) -> Result<VcpuTscReading, HypervisorError> {
-            Ok(VcpuTscReading {
-                offset: self.runs.load(Ordering::SeqCst),
-                tsc_adjust: self.calls.fetch_add(1, Ordering::SeqCst),
-            })
-        }
-        fn set_tsc(&self, _: u64, _: u64) -> Result<TscWriteBack, HypervisorError> {
-            unsupported()
-        }
-        fn tsc_khz(&self) -> Result<u32, HypervisorError> {
-            unsupported()
-        }
-        fn set_tsc_khz(&self, _: u32) -> Result<(), HypervisorError> {
-            unsupported()
-        }
-        fn state(&self) -> Result<VcpuState, HypervisorError> {
-            unsupported()
-        }
-        fn set_state(&self, _: &VcpuState) -> Result<(), HypervisorError> {
-            unsupported()
-        }
-    }
-
-    fn start(plan: &[(u64, Then)]) -> (VcpuSet, Vec<Arc<AtomicU64>>, mpsc::Receiver<VmEvent>) {
-        crate::signal::install_vcpu_kick_handler().unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let (tx, rx) = mpsc::channel();
-        let shared = Arc::new(Shared::new(
-            Arc::new(mem),
-            PioBus::new(),
-            Arc::new(TimeProbe::new(plan.len() as u32, 0, 0)),
-            tx,
-        ));
-        let mut counters = Vec::new();
-        let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::new();
-        for (i, (after, then)) in plan.iter().enumerate() {
-            let runs = Arc::new(AtomicU64::new(0));
-            counters.push(runs.clone());
-            vcpus.push(Box::new(FakeVcpu {
-                id: i as u32,
-                kicker: Arc::new(FlagKicker(AtomicBool::new(false))),
-                runs,
-                after: *after,
-                then: *then,
-                buf: [0],
-                calls: AtomicU64::new(0),
-            }));
-        }
-        (VcpuSet::start(shared, vcpus).unwrap(), counters, rx)
-    }
-
-    fn snapshot(c: &[Arc<AtomicU64>]) -> Vec<u64> {
-        c.iter().map(|a| a.load(Ordering::SeqCst)).collect()
-    }
-
-    fn wait_all_above(c: &[Arc<AtomicU64>], base: &[u64]) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while snapshot(c).iter().zip(base).any(|(a, b)| a <= b) {
-            assert!(
-                Instant::now() < deadline,
-                "vCPUs did not run: {:?}",
-                snapshot(c)
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    #[test]
-    fn pause_parks_every_vcpu_and_resume_releases_them() {
-        let (mut set, c, _rx) = start(&[(u64::MAX, Then::Work); 3]);
-        wait_all_above(&c, &[0, 0, 0]);
-        for _ in 0..100 {
-            set.pause().unwrap();
-            // Every vCPU lock is free: the threads are parked, not running.
-            let guards = set.lock_all();
-            assert_eq!(guards.len(), 3);
-            let frozen = snapshot(&c);
-            drop(guards);
-            // Parked threads do not run the vCPU (observed over a short window).
-            std::thread::sleep(Duration::from_millis(5));
-            assert_eq!(snapshot(&c), frozen, "a vCPU ran while paused");
-            set.resume();
-            wait_all_above(&c, &frozen);
-        }
-        set.stop();
-    }
-
-    #[test]
-    fn the_freeze_uses_what_each_thread_read_at_its_park() {
-        let (mut set, c, _rx) = start(&[(u64::MAX, Then::Work); 2]);
-        wait_all_above(&c, &[0, 0]);
-        for _ in 0..3 {
-            set.pause().unwrap();
-            let frozen = snapshot(&c);
-            let guards = set.lock_all();
-            for (g, runs) in guards.iter().zip(&frozen) {
-                // The thread read at its park (call k) and told the guest (call k + 1).
-                let r = g.tsc_reading().unwrap();
-                assert_eq!(r.offset, *runs, "read after the vCPU's last run");
-                assert_eq!(g.tsc_reading().unwrap(), r, "kept, not read again");
-                g.notify_guest_clock_paused().unwrap(); // already done: no call
-                g.set_regs(&StandardRegisters::default()).unwrap(); // a write drops it all
-                let fresh = g.tsc_reading().unwrap();
-                assert_eq!(
-                    fresh.tsc_adjust,
-                    r.tsc_adjust + 2,
-                    "one fresh call after the write"
-                );
-                // KVMCLOCK_CTRL again after a write goes to the vCPU.
-                g.notify_guest_clock_paused().unwrap();
-                assert_eq!(g.tsc_reading().unwrap().tsc_adjust, r.tsc_adjust + 4);
-            }
-            drop(guards);
-            set.resume();
-            wait_all_above(&c, &frozen);
-        }
-        set.stop();
-    }
-
-    #[test]
-    fn the_wake_up_tree_starts_below_every_exited_thread() {
-        assert_eq!(tree_roots(&[false; 5]), vec![0]);
-        // 0 gone: its children 1 and 2 are woken directly; 1 gone too: 3 and 4 as well.
-        assert_eq!(tree_roots(&[true, false, false, false, false]), vec![1, 2]);
-        assert_eq!(
-            tree_roots(&[true, true, false, false, false]),
-            vec![2, 3, 4]
-        );
-        assert_eq!(tree_roots(&[true; 3]), Vec::<usize>::new());
-    }
-
-    #[test]
-    fn resume_reaches_every_thread_when_the_tree_root_exited() {
-        let plan = [
-            (5, Then::Shutdown),
-            (u64::MAX, Then::Work),
-            (u64::MAX, Then::Work),
-            (u64::MAX, Then::Work),
-            (u64::MAX, Then::Work),
-        ];
-        let (mut set, c, rx) = start(&plan);
-        assert_eq!(
-            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
-            VmEvent::GuestShutdown(0)
-        );
-        for _ in 0..20 {
-            set.pause().unwrap();
-            let frozen = snapshot(&c);
-            set.resume();
-            wait_all_above(&c[1..], &frozen[1..]);
-        }
-        set.stop();
-    }
-
-    #[test]
-    fn halted_and_exited_vcpus_do_not_block_pause() {
-        let (mut set, c, rx) =
-            start(&[(u64::MAX, Then::Work), (5, Then::Halt), (5, Then::Shutdown)]);
-        assert_eq!(
-            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
-            VmEvent::GuestShutdown(2)
-        );
-        wait_all_above(&c, &[0, 5, 5]);
-        set.pause().unwrap();
-        let guards = set.lock_all();
-        assert_eq!(guards.len(), 3);
-        drop(guards);
-        set.resume();
-        let before = snapshot(&c);
-        wait_all_above(&c[..1], &before[..1]);
-        set.stop();
-    }
-}
+mod tests;
