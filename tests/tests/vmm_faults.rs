@@ -415,3 +415,82 @@ fn a_full_disk_while_snapshotting_fails_clearly_and_keeps_the_earlier_snapshot()
         "restoring changed the snapshot"
     );
 }
+
+/// SIGTERM to the destination in the middle of a live migration: exactly one copy of the guest
+/// runs afterwards, and both sides say which. Here the signal comes well before the hand-over,
+/// so the destination abandons the migration and exits, and the source keeps running its VM.
+/// (Before: the destination went on receiving, started the guest, then exited; the source had
+/// completed and shut its VM down; the guest ran nowhere.)
+#[test]
+fn sigterm_to_the_destination_mid_migration_leaves_one_running_copy() {
+    let _x = exclusive();
+    if skip("sigterm_to_the_destination_mid_migration_leaves_one_running_copy") {
+        return;
+    }
+    // 1 GiB with 64 MiB being dirtied: the copy takes long enough to be interrupted.
+    let mut src = start_dirty("fault-dterm-src", "1G", 64);
+    let mut dst = start_serving("fault-dterm-dst", &[]);
+    let sock = dst.dir.join("rx.sock");
+    let url = format!("unix:{}", sock.display());
+    let rx = {
+        let api = dst.socket.clone();
+        let body = serde_json::json!({ "receiver_url": url }).to_string();
+        std::thread::spawn(move || {
+            vmm::api::client::api_request(&api, "PUT", "vm.receive-migration", Some(&body))
+                .map_err(|e| e.to_string())
+        })
+    };
+    {
+        let sock = sock.clone();
+        dst.wait_until(
+            "the receiver listening",
+            Duration::from_secs(20),
+            move |_| sock.exists(),
+        );
+    }
+    let send = {
+        let api = src.socket.clone();
+        let body = serde_json::json!({ "destination_url": url, "downtime_ms": 1 }).to_string();
+        std::thread::spawn(move || {
+            vmm::api::client::api_request(&api, "PUT", "vm.send-migration", Some(&body))
+                .map_err(|e| e.to_string())
+        })
+    };
+    src.wait_until("the migration under way", Duration::from_secs(20), |h| {
+        let m = &h.info()["migration"];
+        m["phase"] == "precopy" && m["bytes_sent"].as_u64().unwrap_or(0) > 1 << 20
+    });
+    dst.signal(libc::SIGTERM);
+    let took = assert_clean_exit(&mut dst, Duration::from_secs(30));
+    let sent = send.join().expect("send thread");
+    let received = rx.join().expect("receive thread");
+    println!(
+        "dst-term: destination exited {took:?} after SIGTERM; send answered {sent:?}; \
+         receive answered {received:?}"
+    );
+    match &sent {
+        Ok((code, body)) => {
+            assert!((400..600).contains(code), "send answered {code} {body}");
+            assert!(
+                body.contains("shutting down"),
+                "the source is not told why: {body}"
+            );
+        }
+        Err(e) => panic!("the source gave no answer to send-migration: {e}"),
+    }
+    // The one running copy is the source's.
+    let info = src.info();
+    assert_eq!(info["state"], "Running", "{info}");
+    assert_eq!(
+        info["migration"]["phase"], "failed",
+        "{}",
+        info["migration"]
+    );
+    let s = vcpu_samples(&info);
+    wait_progress(
+        &mut src,
+        &s,
+        "the source guest sampling after the failed migration",
+    );
+    assert_no_violations(&src.info());
+}

@@ -123,12 +123,22 @@ impl Controller {
         let code = loop {
             match rx.recv() {
                 Ok(Control::Api(req, reply)) => dispatch(service, req, reply),
-                Ok(Control::Event(VmmEvent::ApiShutdown)) => {
-                    info!("shutting down (vmm.shutdown)");
-                    break 0;
-                }
-                Ok(Control::Event(VmmEvent::Signal)) => {
-                    info!("shutting down (signal)");
+                Ok(Control::Event(ev @ (VmmEvent::ApiShutdown | VmmEvent::Signal))) => {
+                    let why = match ev {
+                        VmmEvent::ApiShutdown => "vmm.shutdown",
+                        _ => "signal",
+                    };
+                    // An incoming migration is abandoned before its hand-over (the source keeps
+                    // its VM); one that handed over meanwhile made this the only copy.
+                    if service.begin_stop() {
+                        warn!(
+                            "not shutting down ({why}): a migration completed as the request \
+                             came, and this VMM now runs the only copy of the guest; ask again \
+                             to stop it"
+                        );
+                        continue;
+                    }
+                    info!("shutting down ({why})");
                     break 0;
                 }
                 Ok(Control::Event(VmmEvent::Vm(ev))) => {

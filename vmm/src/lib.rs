@@ -372,6 +372,8 @@ pub struct Service {
     creating: Mutex<()>,
     /// Serial output for a VM restored through the API (None: the snapshot's).
     serial: Option<devices::SerialOutput>,
+    /// The VMM is asked to stop: an incoming migration still before its hand-over gives up.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Service {
@@ -396,6 +398,7 @@ impl Service {
             vmm: OnceLock::new(),
             creating: Mutex::new(()),
             serial,
+            stopping: Default::default(),
         }
     }
 
@@ -414,6 +417,23 @@ impl Service {
         let v = Arc::new(f()?);
         self.set(v.clone());
         Ok(v)
+    }
+
+    /// The VMM is asked to stop: an incoming migration not yet handed over is abandoned (its
+    /// source keeps the VM). Waits until no VM is being created (a migration being received
+    /// gives up at its next frame) and returns whether one arrived by migration meanwhile: then
+    /// this VMM runs the only copy of that guest, and ending it would lose the guest.
+    pub fn begin_stop(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let had = self.vmm.get().is_some();
+        self.stopping.store(true, Ordering::SeqCst);
+        drop(self.creating.lock().unwrap_or_else(|e| e.into_inner()));
+        let received = !had && self.vmm.get().is_some_and(|v| v.vm().came_by_migration());
+        if received {
+            // Serve on; a later stop request is for the guest that now lives here.
+            self.stopping.store(false, Ordering::SeqCst);
+        }
+        received
     }
 
     /// The VMM, once there is a VM.
@@ -470,9 +490,15 @@ impl ApiHandler for Service {
                 let policy = cfg
                     .clock_policy
                     .unwrap_or(hypervisor::tsc::ClockPolicy::Wallclock);
-                let (mut vm, report) =
-                    migration::receive_vm(&ep, self.hv.clone(), self.serial.clone(), vm_tx, policy)
-                        .map_err(|e| ApiError::from_error(e.status(), what, &e))?;
+                let (mut vm, report) = migration::receive_vm(
+                    &ep,
+                    self.hv.clone(),
+                    self.serial.clone(),
+                    vm_tx,
+                    policy,
+                    self.stopping.clone(),
+                )
+                .map_err(|e| ApiError::from_error(e.status(), what, &e))?;
                 vm.set_restored_from(RestoredFrom::Migration {
                     migration: ep.to_string(),
                     bytes: report.bytes,

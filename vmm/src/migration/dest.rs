@@ -1,6 +1,7 @@
 //! The receiving side: a [`Destination`] that builds a VM from the frames, and
 //! [`receive_vm`], which listens, runs the conversation and hands back the running VM.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,6 +66,9 @@ pub struct VmDestination {
     /// RAM is zero, so a zero run over pages never written costs nothing (an idle guest's
     /// RAM is mostly zero runs; writing them would fault in all of it).
     written: Vec<(RamRange, Vec<u64>)>,
+    /// Set when this VMM is asked to stop (vmm.shutdown, SIGTERM): every frame before the VM
+    /// runs here is then refused, so the source keeps (and resumes) its VM.
+    abort: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for VmDestination {
@@ -95,6 +99,7 @@ impl VmDestination {
             vm: None,
             memory_time: Duration::ZERO,
             written: Vec::new(),
+            abort: None,
         }
     }
 
@@ -104,8 +109,30 @@ impl VmDestination {
     }
 }
 
+impl VmDestination {
+    /// Refuse every frame once `abort` is set (see [`receive_vm`]).
+    pub fn with_abort(mut self, abort: Arc<AtomicBool>) -> Self {
+        self.abort = Some(abort);
+        self
+    }
+
+    /// An error when this VMM is stopping: nothing more is taken, the VM never runs here.
+    fn check_abort(&self) -> Result<(), String> {
+        match &self.abort {
+            Some(a) if a.load(Ordering::SeqCst) => Err(ABORTED.into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What the source is told when the destination stops before the VM runs there.
+pub const ABORTED: &str = "the destination VMM is shutting down (vmm.shutdown or a signal): \
+                           the migration is abandoned before the hand-over, and the source \
+                           keeps its VM";
+
 impl Destination for VmDestination {
     fn config(&mut self, json: &[u8]) -> Result<Vec<RamRange>, String> {
+        self.check_abort()?;
         let (mut config, tsc_khz) = decode_config_frame(json)?;
         if let Some(s) = &self.serial {
             config.serial = s.clone();
@@ -127,6 +154,7 @@ impl Destination for VmDestination {
     }
 
     fn memory(&mut self, gpa: u64, len: u64, data: RunData<'_>) -> Result<(), String> {
+        self.check_abort()?;
         let t = Instant::now();
         let inc = self
             .incoming
@@ -192,6 +220,8 @@ impl Destination for VmDestination {
     }
 
     fn complete(&mut self) -> Result<(), String> {
+        // The last moment to refuse: past this the VM runs here and the source stops.
+        self.check_abort()?;
         let vm = self.vm.as_mut().ok_or("complete before the state")?;
         let report = vm.resume(None).map_err(|e| chain(&e))?;
         info!(
@@ -241,23 +271,28 @@ pub struct ReceiveReport {
 }
 
 /// Listen on `ep`, receive one migration and return the VM, running. On any failure the
-/// partial VM is discarded and the source has been told why.
+/// partial VM is discarded and the source has been told why. Once `abort` is set (the VMM is
+/// asked to stop) the wait for the source ends, and any frame before the VM runs here is
+/// refused: the source is told and keeps its VM; a VM already running here is returned.
 pub fn receive_vm(
     ep: &Endpoint,
     hv: Arc<dyn Hypervisor>,
     serial: Option<devices::SerialOutput>,
     events: Sender<VmEvent>,
     policy: ClockPolicy,
+    abort: Arc<AtomicBool>,
 ) -> Result<(Vm, ReceiveReport), MigrationError> {
     let listener = Listener::bind(ep).map_err(|source| MigrationError::Listen {
         endpoint: ep.to_string(),
         source,
     })?;
     info!("migration: waiting for the source on {ep}");
-    let stream = listener.accept().map_err(|source| MigrationError::Listen {
-        endpoint: ep.to_string(),
-        source,
-    })?;
+    let stream = listener
+        .accept_until(&abort)
+        .map_err(|source| MigrationError::Listen {
+            endpoint: ep.to_string(),
+            source,
+        })?;
     drop(listener);
     let t0 = Instant::now();
     let io = |source| {
@@ -270,7 +305,7 @@ pub fn receive_vm(
     stream.set_write_timeout(Some(FRAME_TIMEOUT)).map_err(io)?;
     let mut reader = FrameReader::new(stream.try_clone().map_err(io)?);
     let mut writer = FrameWriter::new(stream);
-    let mut rx = Receiver::new(VmDestination::new(hv, serial, events, policy));
+    let mut rx = Receiver::new(VmDestination::new(hv, serial, events, policy).with_abort(abort));
     let r = receive(&mut reader, &mut writer, &mut rx);
     let report = ReceiveReport {
         memory_frames: rx.memory_frames,

@@ -159,6 +159,40 @@ impl Listener {
         }
     }
 
+    /// Wait for the source until it connects or `stop` is set (checked every 100 ms; then an
+    /// `Interrupted` error).
+    pub fn accept_until(&self, stop: &std::sync::atomic::AtomicBool) -> std::io::Result<Stream> {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Self::Unix(l, _) => l.as_raw_fd(),
+            Self::Tcp(l) => l.as_raw_fd(),
+        };
+        loop {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "the VMM is shutting down; no longer waiting for the source",
+                ));
+            }
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll(2) on one pollfd that lives across the call; the listener's fd is
+            // open for as long as `self` is.
+            let n = unsafe { libc::poll(&mut p, 1, 100) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            } else if n > 0 {
+                return self.accept();
+            }
+        }
+    }
+
     /// Wait for the source.
     pub fn accept(&self) -> std::io::Result<Stream> {
         match self {

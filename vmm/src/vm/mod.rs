@@ -149,6 +149,11 @@ impl Vm {
         ))
     }
 
+    /// Whether this VM arrived by a live migration (its source no longer runs it).
+    pub fn came_by_migration(&self) -> bool {
+        matches!(self.restored_from, Some(RestoredFrom::Migration { .. }))
+    }
+
     /// `vm.info`'s `device_tree`, in Cloud Hypervisor's shape.
     pub fn device_tree(&self) -> serde_json::Value {
         self.devices.device_tree()
