@@ -494,3 +494,39 @@ fn sigterm_to_the_destination_mid_migration_leaves_one_running_copy() {
     );
     assert_no_violations(&src.info());
 }
+
+/// A destination that accepts the connection and then says nothing: the source gives up after
+/// its wait and says that the destination was silent and for how long (before: "Resource
+/// temporarily unavailable (os error 11)"); its VM runs on.
+#[test]
+fn a_silent_destination_is_named_as_silent_with_the_wait() {
+    let _x = exclusive();
+    if skip("a_silent_destination_is_named_as_silent_with_the_wait") {
+        return;
+    }
+    let mut src = start_dirty("fault-silent-src", "64M", 1);
+    let sock = src.dir.join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    let holder = std::thread::spawn(move || {
+        // Accept and hold the connection open without a byte, until the source gives up.
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut sink);
+    });
+    let body = serde_json::json!({
+        "destination_url": format!("unix:{}", sock.display()),
+        "timeout_s": 2,
+    })
+    .to_string();
+    let (code, answer) = src.api("PUT", "vm.send-migration", Some(&body));
+    holder.join().expect("holder");
+    assert!((400..600).contains(&code), "{code} {answer}");
+    assert!(
+        answer.contains("the destination sent nothing for")
+            && answer.contains("while this side waited"),
+        "the silence is not named: {answer}"
+    );
+    assert!(!answer.contains("os error 11"), "{answer}");
+    let info = src.info();
+    assert_eq!(info["state"], "Running", "{info}");
+}

@@ -318,7 +318,7 @@ pub fn receive_vm(
         warn!("migration: receive failed: {e}; the partial VM is discarded");
         // Dropping the destination drops the parked VM (its vCPU threads stop) and its RAM.
         drop(rx);
-        return Err(e.into());
+        return Err(MigrationError::from(e).silent_peer("source", FRAME_TIMEOUT));
     }
     let vm = rx.destination_mut().take_vm().ok_or_else(|| {
         MigrationError::InvalidState("the migration completed without a VM".into())

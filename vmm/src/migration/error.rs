@@ -51,6 +51,16 @@ pub enum MigrationError {
     /// The migration ran past its `timeout_s`.
     #[error("the migration did not finish within timeout_s = {0} s")]
     Timeout(u64),
+    /// The peer sent nothing for as long as this side waits for one frame or answer.
+    #[error("the {peer} sent nothing for {after:?} while this side waited to {what}; it is stalled or gone")]
+    Silent {
+        /// "destination" or "source".
+        peer: &'static str,
+        /// How long this side waited.
+        after: std::time::Duration,
+        /// What it waited for.
+        what: &'static str,
+    },
     /// `Complete` was sent but the destination's answer never came: it may be running the VM.
     /// The source stays paused (never two running copies); the operator decides.
     #[error(
@@ -68,13 +78,29 @@ impl From<crate::snapshot::SnapshotError> for MigrationError {
 }
 
 impl MigrationError {
+    /// A read that timed out (the socket's read timeout, `after`) becomes [`Self::Silent`],
+    /// which says so, instead of "Resource temporarily unavailable"; anything else is kept.
+    pub fn silent_peer(self, peer: &'static str, after: std::time::Duration) -> Self {
+        match self {
+            Self::Protocol(ProtocolError::Io { what, source })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Self::Silent { peer, after, what }
+            }
+            other => other,
+        }
+    }
+
     /// The HTTP status of the failed API request: 4xx where the request, the VM's state or
     /// the peer's input is at fault, 5xx where this host failed.
     pub fn status(&self) -> u16 {
         match self {
             Self::Url(_) | Self::InvalidState(_) => 400,
             Self::Protocol(p) if p.is_bad_input() => 400,
-            Self::Connect { .. } | Self::Timeout(_) => 400,
+            Self::Connect { .. } | Self::Timeout(_) | Self::Silent { .. } => 400,
             _ => 500,
         }
     }

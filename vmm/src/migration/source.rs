@@ -370,11 +370,14 @@ fn run(
         })
     };
     stream.set_write_timeout(Some(ACK_TIMEOUT)).map_err(io)?;
+    // The read timeout last set, to say how long a silent destination was waited for.
+    let waited = std::cell::Cell::new(ACK_TIMEOUT);
     let set_read = |s: &Stream| -> Result<(), MigrationError> {
         let t = remaining().min(ACK_TIMEOUT);
         if t.is_zero() {
             return Err(MigrationError::Timeout(cfg.timeout_s));
         }
+        waited.set(t);
         s.set_read_timeout(Some(t)).map_err(io)
     };
     let mut tx = Sender {
@@ -397,7 +400,8 @@ fn run(
         &set_read,
         deadline,
         t0,
-    );
+    )
+    .map_err(|e| e.silent_peer("destination", waited.get()));
     if let Err(e) = &res {
         if !matches!(e, MigrationError::Protocol(ProtocolError::Remote(_))) {
             // Best effort: the destination may be gone.
