@@ -504,7 +504,7 @@ fn a_silent_destination_is_named_as_silent_with_the_wait() {
     if skip("a_silent_destination_is_named_as_silent_with_the_wait") {
         return;
     }
-    let mut src = start_dirty("fault-silent-src", "64M", 1);
+    let src = start_dirty("fault-silent-src", "64M", 1);
     let sock = src.dir.join("silent.sock");
     let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
     let holder = std::thread::spawn(move || {
