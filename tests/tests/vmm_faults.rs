@@ -200,6 +200,38 @@ fn sigterm_while_a_snapshot_is_written_exits_cleanly() {
     assert!(left.is_empty(), "left behind in the parent: {left:?}");
 }
 
+/// An API request answered in a thread: its status and body, or why no answer came.
+type Pending = std::thread::JoinHandle<Result<(u16, String), String>>;
+
+/// Start receiving on `dst` (a Unix socket in its directory) and, once it listens, sending from
+/// `src` with a 1 ms downtime target; returns both pending answers.
+fn start_migration(src: &Hourglass, dst: &mut Hourglass) -> (Pending, Pending) {
+    let sock = dst.dir.join("rx.sock");
+    let url = format!("unix:{}", sock.display());
+    let put = |api: std::path::PathBuf, endpoint: &'static str, body: String| -> Pending {
+        std::thread::spawn(move || {
+            vmm::api::client::api_request(&api, "PUT", endpoint, Some(&body))
+                .map_err(|e| e.to_string())
+        })
+    };
+    let rx = put(
+        dst.socket.clone(),
+        "vm.receive-migration",
+        serde_json::json!({ "receiver_url": url }).to_string(),
+    );
+    dst.wait_until(
+        "the receiver listening",
+        Duration::from_secs(20),
+        move |_| sock.exists(),
+    );
+    let send = put(
+        src.socket.clone(),
+        "vm.send-migration",
+        serde_json::json!({ "destination_url": url, "downtime_ms": 1 }).to_string(),
+    );
+    (rx, send)
+}
+
 #[test]
 fn sigterm_during_a_live_migration_exits_the_source_cleanly() {
     let _x = exclusive();
@@ -216,32 +248,7 @@ fn sigterm_during_a_live_migration_exits_the_source_cleanly() {
     ch_remote_ok(&src, &["resume"]);
 
     let mut dst = start_serving("fault-mig-dst", &[]);
-    let sock = dst.dir.join("rx.sock");
-    let url = format!("unix:{}", sock.display());
-    let rx = {
-        let api = dst.socket.clone();
-        let body = serde_json::json!({ "receiver_url": url }).to_string();
-        std::thread::spawn(move || {
-            vmm::api::client::api_request(&api, "PUT", "vm.receive-migration", Some(&body))
-                .map_err(|e| e.to_string())
-        })
-    };
-    {
-        let sock = sock.clone();
-        dst.wait_until(
-            "the receiver listening",
-            Duration::from_secs(20),
-            move |_| sock.exists(),
-        );
-    }
-    let send = {
-        let api = src.socket.clone();
-        let body = serde_json::json!({ "destination_url": url, "downtime_ms": 1 }).to_string();
-        std::thread::spawn(move || {
-            vmm::api::client::api_request(&api, "PUT", "vm.send-migration", Some(&body))
-                .map_err(|e| e.to_string())
-        })
-    };
+    let (rx, send) = start_migration(&src, &mut dst);
     src.wait_until("the migration under way", Duration::from_secs(20), |h| {
         let m = &h.info()["migration"];
         m["phase"] == "precopy" && m["bytes_sent"].as_u64().unwrap_or(0) > 1 << 20
@@ -430,32 +437,7 @@ fn sigterm_to_the_destination_mid_migration_leaves_one_running_copy() {
     // 1 GiB with 64 MiB being dirtied: the copy takes long enough to be interrupted.
     let mut src = start_dirty("fault-dterm-src", "1G", 64);
     let mut dst = start_serving("fault-dterm-dst", &[]);
-    let sock = dst.dir.join("rx.sock");
-    let url = format!("unix:{}", sock.display());
-    let rx = {
-        let api = dst.socket.clone();
-        let body = serde_json::json!({ "receiver_url": url }).to_string();
-        std::thread::spawn(move || {
-            vmm::api::client::api_request(&api, "PUT", "vm.receive-migration", Some(&body))
-                .map_err(|e| e.to_string())
-        })
-    };
-    {
-        let sock = sock.clone();
-        dst.wait_until(
-            "the receiver listening",
-            Duration::from_secs(20),
-            move |_| sock.exists(),
-        );
-    }
-    let send = {
-        let api = src.socket.clone();
-        let body = serde_json::json!({ "destination_url": url, "downtime_ms": 1 }).to_string();
-        std::thread::spawn(move || {
-            vmm::api::client::api_request(&api, "PUT", "vm.send-migration", Some(&body))
-                .map_err(|e| e.to_string())
-        })
-    };
+    let (rx, send) = start_migration(&src, &mut dst);
     src.wait_until("the migration under way", Duration::from_secs(20), |h| {
         let m = &h.info()["migration"];
         m["phase"] == "precopy" && m["bytes_sent"].as_u64().unwrap_or(0) > 1 << 20
