@@ -1,8 +1,9 @@
 //! The `Vcpu` trait: what the VMM does with one virtual CPU.
 
 use crate::arch::{CpuIdEntry, MsrEntry, SpecialRegisters, StandardRegisters};
+use crate::error::HypervisorError;
+use crate::state::VcpuState;
 use crate::tsc::VcpuTscReading;
-use crate::{HypervisorError, VcpuState};
 
 /// Why `Vcpu::run` returned. `port`/`addr` name the access, `data` holds its bytes.
 #[derive(Debug)]

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use crate::arch::CpuIdEntry;
+use crate::error::HypervisorError;
 use crate::tsc::Vendor;
 use crate::vm::Vm;
-use crate::HypervisorError;
 
 /// A hypervisor backend (KVM, MSHV).
 pub trait Hypervisor: Send + Sync {

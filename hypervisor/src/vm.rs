@@ -1,8 +1,9 @@
 //! The `Vm` trait and the `TscState` trait (guest time at freeze and thaw).
 
+use crate::caps::TscCapabilities;
 use crate::cpu::Vcpu;
+use crate::error::HypervisorError;
 use crate::tsc::{Capture, ClockPolicy, ClockReport, ThawOrigin, TscSnapshot, VcpuTscReading};
-use crate::{HypervisorError, TscCapabilities};
 
 /// Guest time across a freeze and a thaw, with one VM-wide TSC offset.
 ///

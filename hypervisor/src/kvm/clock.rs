@@ -9,8 +9,8 @@
 use kvm_bindings::{kvm_clock_data, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME, KVM_CLOCK_TSC_STABLE};
 use kvm_ioctls::VmFd;
 
+use crate::error::HypervisorError;
 use crate::host::{rdtsc, realtime_ns};
-use crate::HypervisorError;
 
 /// One host time sample as KVM (or the bracket fallback) gave it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -23,10 +23,11 @@ use kvm_bindings::{
 use kvm_ioctls::Kvm;
 
 use crate::arch::{msr, CpuIdEntry};
+use crate::caps::TscCapabilities;
+use crate::error::HypervisorError;
 use crate::hypervisor::Hypervisor;
 use crate::tsc::Vendor;
 use crate::vm::Vm;
-use crate::{HypervisorError, TscCapabilities};
 
 pub use vcpu::KvmVcpu;
 pub use vm::KvmVm;

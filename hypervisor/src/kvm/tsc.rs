@@ -42,10 +42,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use crate::error::HypervisorError;
 use crate::kvm::x86_64::attr;
 use crate::kvm::x86_64::tsc::engine::{self, TscContext};
 use crate::tsc::{Capture, ClockPolicy, ClockReport, ThawOrigin, TscSnapshot};
-use crate::HypervisorError;
 use kvm_bindings::{
     KVM_CAP_ADJUST_CLOCK, KVM_CAP_TSC_CONTROL, KVM_CAP_VM_TSC_CONTROL, KVM_CLOCK_REALTIME,
 };

@@ -9,11 +9,12 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::arch::{msr, CpuIdEntry, MsrEntry, SpecialRegisters, StandardRegisters};
 use crate::cpu::{Vcpu, VcpuKicker, VmExit};
+use crate::error::HypervisorError;
 use crate::kvm::x86_64::convert;
 use crate::kvm::x86_64::tsc::engine::{self, TimeVcpu};
 use crate::kvm::x86_64::vendor::AFTER_TSC_MSRS;
+use crate::state::VcpuState;
 use crate::tsc::VcpuTscReading;
-use crate::{HypervisorError, VcpuState};
 
 /// What a VM's vCPUs may use, probed once per VM.
 #[derive(Debug)]

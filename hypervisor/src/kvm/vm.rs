@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
+use crate::caps::TscCapabilities;
 use crate::cpu::Vcpu;
+use crate::error::HypervisorError;
 use crate::kvm::vcpu::{KvmVcpu, VcpuCaps};
 use crate::kvm::x86_64::vendor::profile;
 use crate::vm::Vm;
-use crate::{HypervisorError, TscCapabilities};
 
 /// Guest-physical address of the 3-page TSS region KVM needs on Intel.
 pub const TSS_ADDRESS: usize = 0xfffb_d000;

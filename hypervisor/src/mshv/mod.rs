@@ -17,15 +17,17 @@ use mshv_bindings::{
 use mshv_ioctls::{Mshv, MshvError, VcpuFd, VmFd};
 
 use crate::arch::{msr, CpuIdEntry, MsrEntry, SpecialRegisters, StandardRegisters};
+use crate::caps::TscCapabilities;
 use crate::cpu::{Vcpu, VcpuKicker, VmExit};
+use crate::error::HypervisorError;
 use crate::host::{rdtsc, realtime_ns};
 use crate::hypervisor::Hypervisor;
+use crate::state::VcpuState;
 use crate::tsc::{
     capture, plan_thaw, tsc_ratio, Capture, ClockPolicy, ClockReport, HostSample, HostTsc,
     ThawOrigin, TscSnapshot, VcpuTscReading, Vendor,
 };
 use crate::vm::{TscState, Vm};
-use crate::{HypervisorError, TscCapabilities, VcpuState};
 
 /// Nanoseconds per reference-time unit.
 pub const REFERENCE_TIME_UNIT_NS: u64 = 100;

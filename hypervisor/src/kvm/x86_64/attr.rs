@@ -11,7 +11,7 @@ use kvm_bindings::{kvm_device_attr, KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET};
 use vmm_sys_util::errno;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
-use crate::HypervisorError;
+use crate::error::HypervisorError;
 
 /// The three ioctl numbers (include/uapi/linux/kvm.h), private to this file.
 mod nr {

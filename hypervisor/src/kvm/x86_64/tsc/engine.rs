@@ -10,6 +10,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 
 use super::verify::{clock_error_warning, effective_offset, set_clock_verified, within};
 use crate::arch::{msr, MsrEntry};
+use crate::error::HypervisorError;
 use crate::host::rdtsc;
 use crate::kvm::x86_64::attr;
 use crate::kvm::x86_64::convert;
@@ -19,7 +20,6 @@ use crate::tsc::{
     tsc_ratio, Capture, ClockPolicy, ClockReport, Elapsed, HostSample, HostTsc, ThawOrigin,
     ThawPlan, TscSnapshot, VcpuTscReading, Vendor,
 };
-use crate::HypervisorError;
 
 /// The warning every report on a host that ignores offsets carries (in the log).
 pub const IGNORED_OFFSETS_WARNING: &str =

@@ -32,11 +32,12 @@ mod verify;
 
 use std::sync::atomic::Ordering;
 
+use crate::caps::TscCapabilities;
 use crate::cpu::Vcpu;
+use crate::error::HypervisorError;
 use crate::kvm::{KvmVcpu, KvmVm};
 use crate::tsc::{Capture, ClockPolicy, ClockReport, ThawOrigin, TscSnapshot, VcpuTscReading};
 use crate::vm::TscState;
-use crate::{HypervisorError, TscCapabilities};
 use engine::TscContext;
 
 pub use engine::IGNORED_OFFSETS_WARNING;
@@ -135,7 +136,7 @@ mod tests {
     use super::*;
     use crate::arch::{CpuIdEntry, MsrEntry, SpecialRegisters, StandardRegisters};
     use crate::cpu::{VcpuKicker, VmExit};
-    use crate::VcpuState;
+    use crate::state::VcpuState;
 
     /// Another backend's vCPU: every call fails, only `id` and `as_any` answer.
     struct Foreign;

@@ -6,10 +6,10 @@
 
 use kvm_ioctls::{VcpuFd, VmFd};
 
+use crate::error::HypervisorError;
 use crate::host::rdtsc;
 use crate::kvm::{bracketed_guest_tsc, clock};
 use crate::tsc::{cycles_to_ns, scale_tsc, HostSample, HostTsc, ThawPlan, TscSnapshot};
-use crate::HypervisorError;
 
 /// kvmclock and the TSC must agree within this after a thaw (DESIGN.md: 1 µs).
 pub(super) const CLOCK_TOLERANCE_NS: u64 = 1_000;
