@@ -24,6 +24,7 @@ pub mod config;
 pub mod http;
 pub mod options;
 mod router;
+mod socket;
 pub mod url;
 
 use std::error::Error as StdError;

@@ -7,8 +7,6 @@
 use serde_json::{Map, Value};
 use thiserror::Error;
 
-use super::config::ConfigError;
-
 /// A syntax error in an option string.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum OptionError {
@@ -130,20 +128,16 @@ pub fn parse(
     Ok(out)
 }
 
-/// Parses `s` and converts each value by its kind into a JSON object for the config decoders.
+/// Parses `s` and converts each value by its kind into a JSON object for the config decoders
+/// (which name what they decode in their errors).
 pub(crate) fn to_json(
-    what: &str,
     s: &str,
     main: Option<&str>,
     spec: &[(&'static str, Kind)],
-) -> Result<Value, ConfigError> {
-    let wrap = |source| ConfigError::Options {
-        what: what.to_string(),
-        source,
-    };
+) -> Result<Value, OptionError> {
     let known: Vec<&str> = spec.iter().map(|(k, _)| *k).collect();
     let mut map = Map::new();
-    for (key, value) in parse(s, main, &known).map_err(wrap)? {
+    for (key, value) in parse(s, main, &known)? {
         if value.is_empty() {
             continue;
         }
@@ -151,12 +145,10 @@ pub(crate) fn to_json(
             .iter()
             .find(|(k, _)| *k == key)
             .map_or(Kind::Str, |(_, kind)| *kind);
-        let bad = |expected| {
-            wrap(OptionError::BadValue {
-                key: key.clone(),
-                value: value.clone(),
-                expected,
-            })
+        let bad = |expected| OptionError::BadValue {
+            key: key.clone(),
+            value: value.clone(),
+            expected,
         };
         let v = match kind {
             Kind::Str => Value::String(value.clone()),
@@ -222,21 +214,18 @@ mod tests {
     #[test]
     fn kinds_convert_and_name_the_option() {
         let spec = [("resume", Kind::Bool), ("n", Kind::U64), ("s", Kind::Str)];
-        let v = to_json("t", "resume=ON,n=12,s=x,", None, &spec).unwrap();
+        let v = to_json("resume=ON,n=12,s=x,", None, &spec).unwrap();
         assert_eq!(v, serde_json::json!({"resume": true, "n": 12, "s": "x"}));
-        let e = to_json("t", "resume=yes", None, &spec).unwrap_err();
+        let e = to_json("resume=yes", None, &spec).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "t: option `resume`: `yes` is not on, off, true or false"
+            "option `resume`: `yes` is not on, off, true or false"
         );
-        let e = to_json("t", "n=-1", None, &spec).unwrap_err();
+        let e = to_json("n=-1", None, &spec).unwrap_err();
         assert!(e
             .to_string()
             .contains("option `n`: `-1` is not a non-negative integer"));
         // `key=` counts as absent, as in Cloud Hypervisor.
-        assert_eq!(
-            to_json("t", "s=", None, &spec).unwrap(),
-            serde_json::json!({})
-        );
+        assert_eq!(to_json("s=", None, &spec).unwrap(), serde_json::json!({}));
     }
 }

@@ -244,7 +244,7 @@ impl SendMigrationConfig {
     pub fn from_options(s: &str) -> Result<Self, ConfigError> {
         use options::Kind;
         let what = "send-migration options";
-        let v = options::to_json(
+        let v = super::option_json(
             what,
             s,
             Some("destination_url"),
@@ -270,7 +270,7 @@ impl ReceiveMigrationConfig {
     pub fn from_options(s: &str) -> Result<Self, ConfigError> {
         use options::Kind;
         let what = "receive-migration options";
-        let v = options::to_json(
+        let v = super::option_json(
             what,
             s,
             Some("receiver_url"),

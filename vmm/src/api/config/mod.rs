@@ -113,6 +113,19 @@ impl ConfigError {
     }
 }
 
+/// The option string `s` of `what` as a JSON object for the decoders (see [`options::to_json`]).
+fn option_json(
+    what: &str,
+    s: &str,
+    main: Option<&str>,
+    spec: &[(&'static str, options::Kind)],
+) -> Result<Value, ConfigError> {
+    options::to_json(s, main, spec).map_err(|source| ConfigError::Options {
+        what: what.to_string(),
+        source,
+    })
+}
+
 /// One of `names` (`(name, value)`), compared without regard to case as Cloud Hypervisor's
 /// option parser does; the error lists `allowed`.
 fn by_name<T: Copy>(s: &str, names: &[(&str, T)], allowed: &str) -> Result<T, String> {
@@ -333,7 +346,7 @@ impl ResumeConfig {
     /// Builds from `clock_policy=frozen` (empty string: defaults).
     pub fn from_options(s: &str) -> Result<Self, ConfigError> {
         let what = "resume options";
-        let v = options::to_json(what, s, None, &[("clock_policy", options::Kind::Str)])?;
+        let v = option_json(what, s, None, &[("clock_policy", options::Kind::Str)])?;
         Self::from_value(what, &v)
     }
 }
@@ -342,7 +355,7 @@ impl SnapshotConfig {
     /// Builds from `file:///dir` or `destination_url=file:///dir`.
     pub fn from_options(s: &str) -> Result<Self, ConfigError> {
         let what = "snapshot options";
-        let v = options::to_json(
+        let v = option_json(
             what,
             s,
             Some("destination_url"),
@@ -359,7 +372,7 @@ impl RestoreConfig {
     pub fn from_options(s: &str) -> Result<Self, ConfigError> {
         use options::Kind;
         let what = "restore options";
-        let v = options::to_json(
+        let v = option_json(
             what,
             s,
             Some("source_url"),
