@@ -17,20 +17,11 @@ use log::{error, info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{ApiError, ApiHandler, ApiRequest, ApiResponse};
+pub use crate::events::{Control, Reply};
+use crate::events::{EventSender, VmmEvent};
 use crate::seccomp::{self, ThreadKind};
 use crate::vcpu::VmEvent;
-use crate::{EventSender, Service, VmmEvent};
-
-/// Where the answer to one API request goes: the connection thread waiting for it.
-pub type Reply = mpsc::Sender<Result<ApiResponse, ApiError>>;
-
-/// What the control thread waits for.
-pub enum Control {
-    /// An event that ends the VMM.
-    Event(VmmEvent),
-    /// An API request to run, and where to send its answer.
-    Api(ApiRequest, Reply),
-}
+use crate::Service;
 
 /// The control loop's channel, before the loop runs.
 pub struct Controller {

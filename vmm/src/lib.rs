@@ -11,6 +11,7 @@ pub mod api;
 pub mod config;
 pub mod control;
 pub mod decode;
+pub mod events;
 pub mod files;
 pub mod migration;
 pub mod seccomp;
@@ -33,6 +34,7 @@ use crate::config::VmConfig;
 use crate::snapshot::{LoadOptions, MemoryMode, Snapshot};
 use crate::vcpu::VmEvent;
 use crate::vm::{RestoreOptions, RestoredFrom, RunState, Vm, VmError};
+pub use events::{EventSender, VmmEvent};
 
 /// The `features` `vmm.ping` lists: what this VMM can do (Cloud Hypervisor lists its build
 /// features here, e.g. `kvm`).
@@ -44,51 +46,6 @@ pub const FEATURES: &[&str] = &[
     "migration",
     "seccomp",
 ];
-
-/// What ends the VMM process (sent to the main thread).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmmEvent {
-    /// `PUT /api/v1/vmm.shutdown`.
-    ApiShutdown,
-    /// SIGINT or SIGTERM.
-    Signal,
-    /// The VM stopped on its own.
-    Vm(VmEvent),
-}
-
-/// Where the VMM library reports a [`VmmEvent`]: a plain channel of events (an embedder's), or
-/// the control loop's channel ([`control::Controller::events`]), which takes them without a
-/// forwarding thread.
-#[derive(Clone, Debug)]
-pub struct EventSender(EventSink);
-
-#[derive(Clone, Debug)]
-enum EventSink {
-    Events(Sender<VmmEvent>),
-    Control(Sender<control::Control>),
-}
-
-impl EventSender {
-    /// Report `ev`; false when nobody listens any more.
-    pub fn send(&self, ev: VmmEvent) -> bool {
-        match &self.0 {
-            EventSink::Events(tx) => tx.send(ev).is_ok(),
-            EventSink::Control(tx) => tx.send(control::Control::Event(ev)).is_ok(),
-        }
-    }
-}
-
-impl From<Sender<VmmEvent>> for EventSender {
-    fn from(tx: Sender<VmmEvent>) -> Self {
-        Self(EventSink::Events(tx))
-    }
-}
-
-impl From<Sender<control::Control>> for EventSender {
-    fn from(tx: Sender<control::Control>) -> Self {
-        Self(EventSink::Control(tx))
-    }
-}
 
 /// The VMM: one VM and the API's view of it.
 pub struct Vmm {

@@ -14,7 +14,66 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use log::{debug, info, warn};
 
-use super::http::ApiServerError;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// The longest path a client can connect to: `sun_path` holds 108 bytes with the final NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Why the server could not start.
+#[derive(Debug, Error)]
+pub enum ApiServerError {
+    /// The path cannot be a socket address, so no client could connect to it.
+    #[error(
+        "the API socket path {} is {len} bytes long; a Unix socket path can be at most {} bytes \
+         (sun_path), so no client could connect: choose a shorter path",
+        path.display(),
+        MAX_SOCKET_PATH
+    )]
+    PathTooLong {
+        /// The path given.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A live server answers on the path.
+    #[error("another hourglass is serving {0}")]
+    AlreadyServing(PathBuf),
+    /// Something that is not a socket is in the way.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// The existing file could not be examined.
+    #[error("cannot check the existing API socket {path}")]
+    Probe {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A stale socket could not be removed.
+    #[error("cannot remove the stale API socket {path}")]
+    RemoveStale {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Creating, binding or publishing the socket failed.
+    #[error("cannot create the API socket {path}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The accepting thread could not be started.
+    #[error("cannot start the API server thread")]
+    Thread(#[source] io::Error),
+}
 
 pub(super) fn remove_if_ours(path: &Path, identity: Option<(u64, u64)>) {
     match fs::symlink_metadata(path) {
