@@ -585,3 +585,22 @@ fn a_lost_answer_to_complete_leaves_the_source_paused_not_running_twice() {
     check_source_runs(&mut src);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A guest that idles like an operating system (vCPUs halted with their TSC-deadline timer
+/// armed) wakes on the destination: the thaw there puts IA32_TSC_DEADLINE back once the TSC is
+/// in place, on a host that ignores offsets too (before: the destination's vCPUs slept for good).
+#[test]
+fn a_halted_guest_with_armed_timers_wakes_after_migration() {
+    let _x = exclusive();
+    if skip("a_halted_guest_with_armed_timers_wakes_after_migration") {
+        return;
+    }
+    let mut src = Hourglass::start("mig-halt-src", 2, &["--guest-idle-us", "10000"]);
+    wait_healthy(&mut src, 2);
+    let before = vcpu_samples(&src.info());
+    wait_progress(&mut src, &before, "the idle guest sampling on the source");
+    let before = vcpu_samples(&src.info());
+    let (mut dst, src_info) = migrate(&mut src, "mig-halt-dst", None, 300);
+    assert_eq!(src_info["migration"]["phase"], "completed");
+    check_continues(&mut dst, &before, 2);
+}
