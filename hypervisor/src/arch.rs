@@ -5,6 +5,37 @@
 
 use serde::{Deserialize, Serialize};
 
+/// A `$ty` whose general-purpose registers, instruction pointer and flags are `$src`'s, field
+/// by field: the one place that spells the 18 names, for every conversion between
+/// [`StandardRegisters`] and a backend's register struct (kvm-bindings and mshv-bindings use the
+/// same field names).
+macro_rules! gp_registers {
+    ($src:expr => $ty:path) => {{
+        let r = $src;
+        $ty {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+        }
+    }};
+}
+pub(crate) use gp_registers;
+
 /// General-purpose registers, instruction pointer and flags.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[allow(missing_docs)]

@@ -314,48 +314,10 @@ impl Vcpu for MshvVcpu {
     }
     fn regs(&self) -> Result<StandardRegisters, HypervisorError> {
         let r = self.fd.get_regs().map_err(err("MSHV_GET_VP_REGISTERS"))?;
-        Ok(StandardRegisters {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: r.rsp,
-            rbp: r.rbp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: r.rip,
-            rflags: r.rflags,
-        })
+        Ok(crate::arch::gp_registers!(r => StandardRegisters))
     }
     fn set_regs(&self, r: &StandardRegisters) -> Result<(), HypervisorError> {
-        let m = mshv_bindings::StandardRegisters {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: r.rsp,
-            rbp: r.rbp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: r.rip,
-            rflags: r.rflags,
-        };
+        let m = crate::arch::gp_registers!(r => mshv_bindings::StandardRegisters);
         self.fd.set_regs(&m).map_err(err("MSHV_SET_VP_REGISTERS"))
     }
     fn sregs(&self) -> Result<SpecialRegisters, HypervisorError> {

@@ -13,52 +13,16 @@ use crate::arch::{
     VcpuEvents, Xcr,
 };
 
+use crate::arch::gp_registers;
+
 /// `StandardRegisters` from `kvm_regs`.
 pub fn regs_from_kvm(r: &kvm_regs) -> StandardRegisters {
-    StandardRegisters {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rsp: r.rsp,
-        rbp: r.rbp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rip: r.rip,
-        rflags: r.rflags,
-    }
+    gp_registers!(r => StandardRegisters)
 }
 
 /// `kvm_regs` from `StandardRegisters`.
 pub fn regs_to_kvm(r: &StandardRegisters) -> kvm_regs {
-    kvm_regs {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rsp: r.rsp,
-        rbp: r.rbp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rip: r.rip,
-        rflags: r.rflags,
-    }
+    gp_registers!(r => kvm_regs)
 }
 
 fn seg_from_kvm(s: &kvm_segment) -> SegmentRegister {
