@@ -13,6 +13,7 @@ pub mod control;
 pub mod decode;
 pub mod files;
 pub mod migration;
+pub mod residency;
 pub mod seccomp;
 pub mod signal;
 pub mod snapshot;
