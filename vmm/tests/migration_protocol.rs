@@ -4,7 +4,8 @@
 use std::io::Cursor;
 
 use vmm::migration::protocol::{
-    MemoryFrameBuilder, MAX_MEMORY_PAYLOAD, MEMORY_FRAME_TARGET, RUN_HEADER_LEN, RUN_ZERO,
+    MemoryFrameBuilder, MAX_MEMORY_PAYLOAD, MAX_ZERO_RUN, MEMORY_FRAME_TARGET, RUN_HEADER_LEN,
+    RUN_ZERO,
 };
 use vmm::migration::{
     expect_ack, receive, Destination, Endpoint, Frame, FrameKind, FrameReader, FrameWriter,
@@ -240,6 +241,43 @@ fn memory_builder_splits_frames_and_marks_zero_pages() {
         }
     }
     assert!(rebuilt == data, "memory rebuilt from the frames differs");
+}
+
+/// Pages known zero without reading them become zero runs of at most `MAX_ZERO_RUN` bytes,
+/// which decode back to exactly the range given, between data runs.
+#[test]
+fn unread_zero_ranges_become_bounded_zero_runs() {
+    let mut w = writer();
+    let mut b = MemoryFrameBuilder::new();
+    let page = vec![7u8; PAGE];
+    b.add(&mut w, 0, &page).unwrap();
+    // 5 GiB of never-populated RAM: three runs (2 + 2 + 1 GiB).
+    let pages = (5u64 << 30) / PAGE_SIZE;
+    b.add_zero(&mut w, PAGE_SIZE, pages).unwrap();
+    b.add(&mut w, PAGE_SIZE * (pages + 1), &page).unwrap();
+    b.flush(&mut w).unwrap();
+    assert_eq!(b.zero_pages, pages);
+    assert_eq!(b.data_pages, 2);
+    assert!(b.add_zero(&mut w, 17, 1).is_err(), "unaligned");
+    let bytes = w.get_ref().clone();
+    let f = read_one(&bytes).unwrap().unwrap();
+    let Message::Memory(runs) = Message::decode(&f).unwrap() else {
+        panic!("not a Memory frame");
+    };
+    let shape: Vec<(u64, u64, bool)> = runs
+        .iter()
+        .map(|r| (r.gpa, r.len, matches!(r.data, RunData::Zero)))
+        .collect();
+    assert_eq!(
+        shape,
+        vec![
+            (0, PAGE_SIZE, false),
+            (PAGE_SIZE, MAX_ZERO_RUN, true),
+            (PAGE_SIZE + MAX_ZERO_RUN, MAX_ZERO_RUN, true),
+            (PAGE_SIZE + 2 * MAX_ZERO_RUN, 1 << 30, true),
+            ((pages + 1) * PAGE_SIZE, PAGE_SIZE, false),
+        ]
+    );
 }
 
 #[test]

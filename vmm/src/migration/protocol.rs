@@ -44,6 +44,8 @@ pub const RUN_HEADER_LEN: usize = 16;
 pub const RUN_ZERO: u32 = 1;
 /// Largest `Memory` payload accepted.
 pub const MAX_MEMORY_PAYLOAD: u64 = 16 << 20;
+/// The longest zero run [`MemoryFrameBuilder::add_zero`] writes (the run length is a `u32`).
+pub const MAX_ZERO_RUN: u64 = 1 << 31;
 /// Payload size at which [`MemoryFrameBuilder`] starts a new frame.
 pub const MEMORY_FRAME_TARGET: usize = 4 << 20;
 /// Largest `Config` payload accepted.
@@ -661,6 +663,34 @@ impl MemoryFrameBuilder {
         Ok(())
     }
 
+    /// Add `pages` pages at `gpa` (page aligned) known to be zero without reading them, as
+    /// zero runs (each at most [`MAX_ZERO_RUN`] bytes). Sends frames to `w` as the buffer fills.
+    pub fn add_zero<W: Write>(
+        &mut self,
+        w: &mut FrameWriter<W>,
+        gpa: u64,
+        pages: u64,
+    ) -> Result<(), ProtocolError> {
+        if !gpa.is_multiple_of(PAGE_SIZE) {
+            return Err(bad(
+                FrameKind::Memory,
+                "run",
+                format!("{gpa:#x} is not page aligned"),
+            ));
+        }
+        let mut done = 0;
+        while done < pages {
+            let n = (pages - done).min(MAX_ZERO_RUN / PAGE_SIZE);
+            self.header(gpa + done * PAGE_SIZE, (n * PAGE_SIZE) as u32, RUN_ZERO);
+            self.zero_pages += n;
+            done += n;
+            if self.buf.len() >= MEMORY_FRAME_TARGET {
+                self.flush(w)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Send what is buffered as one `Memory` frame (nothing when empty).
     pub fn flush<W: Write>(&mut self, w: &mut FrameWriter<W>) -> Result<(), ProtocolError> {
         if self.buf.is_empty() {
@@ -672,12 +702,8 @@ impl MemoryFrameBuilder {
     }
 }
 
-/// Whether a page is all zero.
+/// Whether a page is all zero (wide compares that stop at the first difference; see
+/// [`crate::residency::is_zero`]).
 pub fn is_zero(b: &[u8]) -> bool {
-    let mut words = b.chunks_exact(8);
-    let mut acc = 0u64;
-    for w in &mut words {
-        acc |= u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-    }
-    acc == 0 && words.remainder().iter().all(|x| *x == 0)
+    crate::residency::is_zero(b)
 }
