@@ -15,6 +15,10 @@
 //!
 //! A caller that scans a running guest must turn dirty logging on **before** calling [`scan`]:
 //! a page that is absent at the scan and written afterwards is then in the dirty log.
+//!
+//! Threads whose seccomp filter refuses `open` (the migration sender) use the files that
+//! [`Prober::shared`] opened earlier on a thread that may open them (the control thread opens
+//! them before it starts a sender).
 
 use std::fs::File;
 use std::io;
@@ -95,13 +99,84 @@ impl Residency {
     }
 }
 
+/// `/proc/self/maps` and `/proc/self/pagemap`, open: the kernel's answers, read with `pread`.
+#[derive(Debug)]
+pub struct Prober {
+    maps: File,
+    pagemap: File,
+}
+
+static SHARED: std::sync::OnceLock<Prober> = std::sync::OnceLock::new();
+
+impl Prober {
+    /// Open both files.
+    pub fn open() -> io::Result<Self> {
+        Ok(Self {
+            maps: File::open("/proc/self/maps")?,
+            pagemap: File::open("/proc/self/pagemap")?,
+        })
+    }
+
+    /// The process's prober, opened by the first call that can open it (a failure is not
+    /// remembered: a later call on a thread that may open files tries again).
+    pub fn shared() -> io::Result<&'static Self> {
+        if let Some(p) = SHARED.get() {
+            return Ok(p);
+        }
+        let p = Self::open()?;
+        Ok(SHARED.get_or_init(|| p))
+    }
+
+    /// The current text of `/proc/self/maps`.
+    fn maps(&self) -> io::Result<String> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = self.maps.read_at(&mut buf, out.len() as u64)?;
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(out).map_err(io::Error::other)
+    }
+
+    /// [`backing`] with these files.
+    pub fn backing(&self, addr: usize, len: usize) -> Backing {
+        match self.maps() {
+            Ok(maps) => backing_from_maps(&maps, addr, len),
+            Err(e) => Backing::Other(format!("cannot read /proc/self/maps: {e}")),
+        }
+    }
+
+    /// [`scan`] with these files.
+    pub fn scan(&self, addr: usize, len: usize) -> Residency {
+        let pages = len / PAGE;
+        if !addr.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
+            return Residency::all(pages, "the range is not page aligned");
+        }
+        match self.backing(addr, len) {
+            Backing::AnonymousPrivate => {}
+            Backing::Other(why) => return Residency::all(pages, why),
+        }
+        match kernel_answer(&self.pagemap, addr, pages) {
+            Ok(bits) => Residency {
+                bits,
+                pages,
+                refused: None,
+            },
+            Err(e) => Residency::all(pages, format!("cannot ask the kernel: {e}")),
+        }
+    }
+}
+
 /// The kernel's view of the host range `[addr, addr + len)`, from `/proc/self/maps`: anonymous
 /// private only if every mapping covering it is private with no file (inode 0, no name) and the
 /// mappings cover the whole range.
 pub fn backing(addr: usize, len: usize) -> Backing {
-    match std::fs::read_to_string("/proc/self/maps") {
-        Ok(maps) => backing_from_maps(&maps, addr, len),
-        Err(e) => Backing::Other(format!("cannot read /proc/self/maps: {e}")),
+    match Prober::shared() {
+        Ok(p) => p.backing(addr, len),
+        Err(e) => Backing::Other(format!("cannot open /proc/self/maps: {e}")),
     }
 }
 
@@ -161,25 +236,16 @@ const PAGEMAP_BATCH: usize = 64 * 1024;
 /// call runs) may hold data. Anonymous private memory: the pages that are resident, present
 /// or swapped out; any other memory, or a kernel answer that cannot be read: every page.
 pub fn scan(addr: usize, len: usize) -> Residency {
-    let pages = len / PAGE;
-    if !addr.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
-        return Residency::all(pages, "the range is not page aligned");
-    }
-    match backing(addr, len) {
-        Backing::AnonymousPrivate => {}
-        Backing::Other(why) => return Residency::all(pages, why),
-    }
-    match kernel_answer(addr, pages) {
-        Ok(bits) => Residency {
-            bits,
-            pages,
-            refused: None,
-        },
-        Err(e) => Residency::all(pages, format!("cannot ask the kernel: {e}")),
+    match Prober::shared() {
+        Ok(p) => p.scan(addr, len),
+        Err(e) => Residency::all(
+            len / PAGE,
+            format!("cannot open the kernel's page map: {e}"),
+        ),
     }
 }
 
-fn kernel_answer(addr: usize, pages: usize) -> io::Result<Vec<u64>> {
+fn kernel_answer(pagemap: &File, addr: usize, pages: usize) -> io::Result<Vec<u64>> {
     let mut bits = vec![0u64; pages.div_ceil(64)];
     // Resident pages.
     let mut vec = vec![0u8; pages];
@@ -203,7 +269,6 @@ fn kernel_answer(addr: usize, pages: usize) -> io::Result<Vec<u64>> {
         }
     }
     // Present or swapped pages (a swapped-out anonymous page is not resident, and not zero).
-    let pagemap = File::open("/proc/self/pagemap")?;
     let mut buf = vec![0u8; PAGEMAP_BATCH.min(pages.max(1)) * 8];
     let first = addr / PAGE;
     let mut done = 0;
