@@ -112,7 +112,6 @@ struct Sender<'a> {
     builder: MemoryFrameBuilder,
     memory: Arc<GuestMemoryMmap>,
     progress: &'a SharedProgress,
-    buf: Vec<u8>,
     /// Pages of the first pass sent as zero without reading them.
     unread_pages: u64,
     /// The VM, to notice a shutdown (SIGTERM, vm.shutdown) between chunks of a pass.
@@ -135,13 +134,13 @@ impl Sender<'_> {
         while done < pages {
             let n = (pages - done).min(CHUNK_PAGES);
             let at = gpa + (done as u64) * PAGE_SIZE;
-            self.buf.resize(n * PAGE_SIZE as usize, 0);
-            self.memory
-                .read_slice(&mut self.buf, GuestAddress(at))
-                .map_err(|e| {
+            let memory = &self.memory;
+            // Guest memory is copied once, straight into the frame, and zero-checked there.
+            self.builder.add_read(&mut self.writer, at, n, |buf| {
+                memory.read_slice(buf, GuestAddress(at)).map_err(|e| {
                     MigrationError::Memory(format!("read guest memory at {at:#x}: {e}"))
-                })?;
-            self.builder.add(&mut self.writer, at, &self.buf)?;
+                })
+            })?;
             done += n;
         }
         Ok(())
@@ -421,7 +420,6 @@ fn run(
         builder: MemoryFrameBuilder::new(),
         memory,
         progress,
-        buf: Vec::new(),
         unread_pages: 0,
         vm,
     };
