@@ -245,6 +245,12 @@ pub fn scan(addr: usize, len: usize) -> Residency {
     }
 }
 
+/// Whether a page may hold data, from its `mincore` byte and its pagemap entry: resident,
+/// present, or swapped out (a swapped-out page is not resident and not zero).
+fn may_hold_data(mincore: u8, pagemap: u64) -> bool {
+    mincore & 1 != 0 || pagemap & (PM_PRESENT | PM_SWAPPED) != 0
+}
+
 fn kernel_answer(pagemap: &File, addr: usize, pages: usize) -> io::Result<Vec<u64>> {
     let mut bits = vec![0u64; pages.div_ceil(64)];
     // Resident pages.
@@ -264,7 +270,7 @@ fn kernel_answer(pagemap: &File, addr: usize, pages: usize) -> io::Result<Vec<u6
         }
     }
     for (i, v) in vec.iter().enumerate() {
-        if v & 1 != 0 {
+        if may_hold_data(*v, 0) {
             bits[i / 64] |= 1 << (i % 64);
         }
     }
@@ -278,7 +284,7 @@ fn kernel_answer(pagemap: &File, addr: usize, pages: usize) -> io::Result<Vec<u6
         pagemap.read_exact_at(chunk, ((first + done) * 8) as u64)?;
         for (k, e) in chunk.chunks_exact(8).enumerate() {
             let e = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
-            if e & (PM_PRESENT | PM_SWAPPED) != 0 {
+            if may_hold_data(0, e) {
                 let i = done + k;
                 bits[i / 64] |= 1 << (i % 64);
             }
@@ -426,6 +432,21 @@ mod tests {
         assert!(
             matches!(backing_from_maps(maps, 0x7000, 0x1000), Backing::Other(w) if w.contains("not mapped"))
         );
+    }
+
+    #[test]
+    fn swapped_present_or_resident_pages_may_hold_data() {
+        assert!(!may_hold_data(0, 0), "never populated");
+        assert!(may_hold_data(0, PM_SWAPPED), "swapped out: not zero");
+        assert!(
+            may_hold_data(0, PM_SWAPPED | 0x1234),
+            "swap entry with its offset"
+        );
+        assert!(may_hold_data(0, PM_PRESENT | 0x55), "present");
+        assert!(may_hold_data(1, 0), "resident per mincore");
+        // Other pagemap bits (soft-dirty 55, exclusive 56, file/shared 61) alone say nothing.
+        assert!(!may_hold_data(0, (1 << 55) | (1 << 56) | (1 << 61)));
+        assert!(!may_hold_data(0xfe, 0), "only mincore's low bit is defined");
     }
 
     #[test]
