@@ -177,8 +177,14 @@ fn a_guest_dirtying_memory_migrates_over_tcp_and_continues() {
     assert_eq!(src_info["state"], "Shutdown");
     let m = &src_info["migration"];
     assert_eq!(m["phase"], "completed", "{m}");
-    // The guest rewrote 64 MiB during the copy: more than one pass's worth of data pages.
-    assert!(m["pages_sent"].as_u64().unwrap() > (64 << 20) / 4096, "{m}");
+    // Every page went out once at least (data or zero run); the first pass read only the pages
+    // the guest had populated (how many of its 64 MiB it has swept by then depends on timing),
+    // and the pages it wrote afterwards went in later passes. That no byte is lost on the way
+    // is checked byte for byte by vmm's memory_fidelity test.
+    let sent = m["pages_sent"].as_u64().unwrap() + m["zero_pages_sent"].as_u64().unwrap();
+    assert!(sent >= (256u64 << 20) / 4096, "{m}");
+    assert!(m["pages_sent"].as_u64().unwrap() > 0, "{m}");
+    assert!(m["unread_pages"].as_u64().unwrap() > 0, "{m}");
     assert_eq!(m["ram_pages"], (256u64 << 20) / 4096, "{m}");
     println!("dirty: source progress {m}");
     check_continues(&mut dst, &before, 2);

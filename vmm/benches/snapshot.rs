@@ -10,6 +10,10 @@
 //!    metadata, mapping `memory.bin` `MAP_PRIVATE` without and with the memory checksum check,
 //!    and the `Copy` mode (read into anonymous memory, checked on the way).
 //!
+//! 3. Idle guest: guests of 256 MiB, 1 GiB and 4 GiB (`HOURGLASS_BENCH_IDLE_MIB`) of which only
+//!    19 scattered pages were ever written (like the idle test guest) are snapshotted: time,
+//!    `memory.bin`'s size on disk, and a plain write + fsync of the same 19 pages for the ratio.
+//!
 //! The directory is `HOURGLASS_BENCH_DIR` if set, else the target directory's scratch space.
 
 use vmm::snapshot;
@@ -162,12 +166,96 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// Pages an idle test guest has written (boot data, stacks, records), scattered over RAM.
+const IDLE_PAGES: u64 = 19;
+
+/// Guest RAM of `size` bytes with [`IDLE_PAGES`] non-zero pages spread over it; the rest never
+/// touched (as in a freshly booted idle guest).
+fn idle_memory(size: u64) -> GuestMemoryMmap {
+    let ranges = arch::layout::ram_regions(size).expect("layout");
+    let m = GuestMemoryMmap::from_ranges(&ranges).expect("allocate guest memory");
+    let mut page = vec![0u8; 4096];
+    for i in 0..IDLE_PAGES {
+        fill(&mut page, i + 1);
+        let off = (size / IDLE_PAGES) * i / 4096 * 4096;
+        let (base, len) = ranges
+            .iter()
+            .scan(0u64, |acc, (b, l)| {
+                let r = (*acc, *b, *l as u64);
+                *acc += *l as u64;
+                Some(r)
+            })
+            .find(|(acc, _, l)| off >= *acc && off < acc + l)
+            .map(|(acc, b, _)| (b.0, off - acc))
+            .expect("offset in RAM");
+        m.write_slice(&page, GuestAddress(base + len))
+            .expect("fill");
+    }
+    m
+}
+
+fn disk_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+fn idle(dir: &Path, reps: usize) {
+    println!();
+    println!(
+        "## Idle guest snapshot ({IDLE_PAGES} pages ever written; median of {reps}; plain = write + fsync of those pages)"
+    );
+    println!();
+    println!(
+        "| guest | snapshot ms | memory.bin on disk | snapshot dir on disk | plain ms | ratio |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for mib in env_list("HOURGLASS_BENCH_IDLE_MIB", &[256, 1024, 4096]) {
+        let size = mib * MIB;
+        let mem = idle_memory(size);
+        let (mut t_snap, mut t_plain) = (Vec::new(), Vec::new());
+        let (mut file_disk, mut dir_disk) = (0, 0);
+        for r in 0..reps {
+            let s = dir.join(format!("idle-{mib}-{r}"));
+            let t = Instant::now();
+            snapshot::write(
+                &s,
+                &config(size),
+                &vm_state(),
+                &mem,
+                &WriteOptions::default(),
+            )
+            .expect("snapshot write");
+            t_snap.push(t.elapsed());
+            file_disk = disk_bytes(&s.join("memory.bin"));
+            dir_disk = std::fs::read_dir(&s)
+                .map(|d| d.flatten().map(|e| disk_bytes(&e.path())).sum())
+                .unwrap_or(0);
+            let _ = std::fs::remove_dir_all(&s);
+            let p = dir.join("plain-idle");
+            t_plain.push(plain_write(&p, IDLE_PAGES * 4096));
+            let _ = std::fs::remove_file(&p);
+        }
+        let (a, b) = (median(t_snap), median(t_plain));
+        println!(
+            "| {mib} MiB | {:.1} | {} KiB | {} KiB | {:.2} | {:.1} |",
+            ms(a),
+            file_disk >> 10,
+            dir_disk >> 10,
+            ms(b),
+            a.as_secs_f64() / b.as_secs_f64().max(1e-9)
+        );
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
     let dir = bench_dir();
     let reps = env_list("HOURGLASS_BENCH_REPS", &[3])[0].max(1) as usize;
 
     println!("snapshot benchmark in {}", dir.display());
+    idle(&dir, reps);
     println!();
     println!("## Write throughput (all pages non-zero, fsync included, median of {reps})");
     println!();

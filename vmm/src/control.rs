@@ -183,6 +183,12 @@ fn dispatch(service: &Arc<Service>, req: ApiRequest, reply: Reply) {
             return;
         }
     };
+    if kind == ThreadKind::MigrationSend {
+        // The sender may not open files: open what it reads of the kernel's page tables here.
+        if let Err(e) = crate::residency::Prober::shared() {
+            warn!("migration: cannot open the kernel's page map ({e}); every page is read");
+        }
+    }
     let endpoint = req.endpoint();
     let svc = service.clone();
     let r = reply.clone();

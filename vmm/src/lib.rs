@@ -14,6 +14,7 @@ pub mod decode;
 pub mod events;
 pub mod files;
 pub mod migration;
+pub mod residency;
 pub mod seccomp;
 pub mod signal;
 pub mod snapshot;

@@ -4,7 +4,8 @@
 use std::io::Cursor;
 
 use vmm::migration::protocol::{
-    MemoryFrameBuilder, MAX_MEMORY_PAYLOAD, MEMORY_FRAME_TARGET, RUN_HEADER_LEN, RUN_ZERO,
+    MemoryFrameBuilder, MAX_MEMORY_PAYLOAD, MAX_ZERO_RUN, MEMORY_FRAME_TARGET, RUN_HEADER_LEN,
+    RUN_ZERO,
 };
 use vmm::migration::{
     expect_ack, receive, Destination, Endpoint, Frame, FrameKind, FrameReader, FrameWriter,
@@ -240,6 +241,100 @@ fn memory_builder_splits_frames_and_marks_zero_pages() {
         }
     }
     assert!(rebuilt == data, "memory rebuilt from the frames differs");
+}
+
+/// Reading pages straight into the frame buffer and rewriting them in place gives exactly the
+/// frames `add` gives from a separate buffer, for every mix of zero and data pages.
+#[test]
+fn pages_read_into_the_frame_match_pages_added_from_a_buffer() {
+    let patterns: [&[bool]; 7] = [
+        &[true; 8],
+        &[false; 8],
+        &[true, false, true, false, true, false, true, false],
+        &[false, true, false, true, false, true, false, true],
+        &[false, false, true, true, true, false, false, false],
+        &[true, true, true, false, true, true, true, true],
+        &[false, true, true, true, true, true, true, false],
+    ];
+    for (k, zero) in patterns.iter().enumerate() {
+        let mut data = vec![0u8; zero.len() * PAGE];
+        for (i, p) in data.chunks_mut(PAGE).enumerate() {
+            if !zero[i] {
+                p.fill((i + 1) as u8);
+                p[PAGE - 1] = 0xee;
+            }
+        }
+        let (mut wa, mut wb) = (writer(), writer());
+        let (mut a, mut b) = (MemoryFrameBuilder::new(), MemoryFrameBuilder::new());
+        for chunk in 0..3u64 {
+            let gpa = 0x10_0000 + chunk * (data.len() as u64);
+            a.add(&mut wa, gpa, &data).unwrap();
+            b.add_read(&mut wb, gpa, zero.len(), |buf: &mut [u8]| {
+                buf.copy_from_slice(&data);
+                Ok::<(), ProtocolError>(())
+            })
+            .unwrap();
+        }
+        a.flush(&mut wa).unwrap();
+        b.flush(&mut wb).unwrap();
+        assert_eq!(wa.get_ref(), wb.get_ref(), "pattern {k}");
+        assert_eq!((a.data_pages, a.zero_pages), (b.data_pages, b.zero_pages));
+    }
+    // A failed read leaves nothing behind; an oversized or unaligned run is refused.
+    let mut w = writer();
+    let mut b = MemoryFrameBuilder::new();
+    let e = b.add_read(&mut w, 0, 2, |_: &mut [u8]| {
+        Err(ProtocolError::Oversized {
+            kind: FrameKind::Memory,
+            length: 0,
+            max: 0,
+        })
+    });
+    assert!(e.is_err());
+    b.flush(&mut w).unwrap();
+    assert_eq!(w.frames(), 0);
+    let ok = |_: &mut [u8]| Ok::<(), ProtocolError>(());
+    assert!(b.add_read(&mut w, 1, 1, ok).is_err());
+    assert!(b
+        .add_read(&mut w, 0, MEMORY_FRAME_TARGET / PAGE + 1, ok)
+        .is_err());
+}
+
+/// Pages known zero without reading them become zero runs of at most `MAX_ZERO_RUN` bytes,
+/// which decode back to exactly the range given, between data runs.
+#[test]
+fn unread_zero_ranges_become_bounded_zero_runs() {
+    let mut w = writer();
+    let mut b = MemoryFrameBuilder::new();
+    let page = vec![7u8; PAGE];
+    b.add(&mut w, 0, &page).unwrap();
+    // 5 GiB of never-populated RAM: three runs (2 + 2 + 1 GiB).
+    let pages = (5u64 << 30) / PAGE_SIZE;
+    b.add_zero(&mut w, PAGE_SIZE, pages).unwrap();
+    b.add(&mut w, PAGE_SIZE * (pages + 1), &page).unwrap();
+    b.flush(&mut w).unwrap();
+    assert_eq!(b.zero_pages, pages);
+    assert_eq!(b.data_pages, 2);
+    assert!(b.add_zero(&mut w, 17, 1).is_err(), "unaligned");
+    let bytes = w.get_ref().clone();
+    let f = read_one(&bytes).unwrap().unwrap();
+    let Message::Memory(runs) = Message::decode(&f).unwrap() else {
+        panic!("not a Memory frame");
+    };
+    let shape: Vec<(u64, u64, bool)> = runs
+        .iter()
+        .map(|r| (r.gpa, r.len, matches!(r.data, RunData::Zero)))
+        .collect();
+    assert_eq!(
+        shape,
+        vec![
+            (0, PAGE_SIZE, false),
+            (PAGE_SIZE, MAX_ZERO_RUN, true),
+            (PAGE_SIZE + MAX_ZERO_RUN, MAX_ZERO_RUN, true),
+            (PAGE_SIZE + 2 * MAX_ZERO_RUN, 1 << 30, true),
+            ((pages + 1) * PAGE_SIZE, PAGE_SIZE, false),
+        ]
+    );
 }
 
 #[test]

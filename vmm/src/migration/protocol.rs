@@ -44,6 +44,8 @@ pub const RUN_HEADER_LEN: usize = 16;
 pub const RUN_ZERO: u32 = 1;
 /// Largest `Memory` payload accepted.
 pub const MAX_MEMORY_PAYLOAD: u64 = 16 << 20;
+/// The longest zero run [`MemoryFrameBuilder::add_zero`] writes (the run length is a `u32`).
+pub const MAX_ZERO_RUN: u64 = 1 << 31;
 /// Payload size at which [`MemoryFrameBuilder`] starts a new frame.
 pub const MEMORY_FRAME_TARGET: usize = 4 << 20;
 /// Largest `Config` payload accepted.
@@ -661,6 +663,108 @@ impl MemoryFrameBuilder {
         Ok(())
     }
 
+    /// Add `pages` pages at `gpa` (page aligned), which `read` copies straight into the frame
+    /// buffer (the only copy of guest memory on the source): the same runs as [`Self::add`]
+    /// produces, all-zero pages becoming zero runs, rewritten in place. At most
+    /// [`MEMORY_FRAME_TARGET`] bytes at once. Sends frames to `w` as the buffer fills.
+    pub fn add_read<W: Write, E: From<ProtocolError>>(
+        &mut self,
+        w: &mut FrameWriter<W>,
+        gpa: u64,
+        pages: usize,
+        read: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let page = PAGE_SIZE as usize;
+        let len = pages * page;
+        if !gpa.is_multiple_of(PAGE_SIZE) || pages == 0 || len > MEMORY_FRAME_TARGET {
+            return Err(bad(
+                FrameKind::Memory,
+                "run",
+                format!("{gpa:#x}+{pages} pages is not a run of aligned pages that fits a frame"),
+            )
+            .into());
+        }
+        if self.buf.len() + RUN_HEADER_LEN + len > MEMORY_FRAME_TARGET && !self.buf.is_empty() {
+            self.flush(w)?;
+        }
+        let start = self.buf.len();
+        let data_at = start + RUN_HEADER_LEN;
+        self.buf.resize(data_at + len, 0);
+        if let Err(e) = read(&mut self.buf[data_at..]) {
+            self.buf.truncate(start);
+            return Err(e);
+        }
+        let zero: Vec<bool> = self.buf[data_at..]
+            .chunks_exact(page)
+            .map(is_zero)
+            .collect();
+        // Runs are written from `start` on; a run's bytes move down over the zero pages before
+        // it. The write position never passes the first page not yet rewritten: a data run
+        // adds a header, but the zero run after it frees at least a page.
+        let mut out = start;
+        let mut i = 0;
+        while i < pages {
+            let mut j = i + 1;
+            while j < pages && zero[j] == zero[i] {
+                j += 1;
+            }
+            let run_gpa = gpa + (i * page) as u64;
+            let n = (j - i) * page;
+            let mut h = [0u8; RUN_HEADER_LEN];
+            h[0..8].copy_from_slice(&run_gpa.to_le_bytes());
+            h[8..12].copy_from_slice(&(n as u32).to_le_bytes());
+            if zero[i] {
+                h[12..16].copy_from_slice(&RUN_ZERO.to_le_bytes());
+                self.buf[out..out + RUN_HEADER_LEN].copy_from_slice(&h);
+                out += RUN_HEADER_LEN;
+                self.zero_pages += (j - i) as u64;
+            } else {
+                self.buf[out..out + RUN_HEADER_LEN].copy_from_slice(&h);
+                out += RUN_HEADER_LEN;
+                let src = data_at + i * page;
+                if src != out {
+                    self.buf.copy_within(src..src + n, out);
+                }
+                out += n;
+                self.data_pages += (j - i) as u64;
+            }
+            i = j;
+        }
+        self.buf.truncate(out);
+        if self.buf.len() >= MEMORY_FRAME_TARGET {
+            self.flush(w)?;
+        }
+        Ok(())
+    }
+
+    /// Add `pages` pages at `gpa` (page aligned) known to be zero without reading them, as
+    /// zero runs (each at most [`MAX_ZERO_RUN`] bytes). Sends frames to `w` as the buffer fills.
+    pub fn add_zero<W: Write>(
+        &mut self,
+        w: &mut FrameWriter<W>,
+        gpa: u64,
+        pages: u64,
+    ) -> Result<(), ProtocolError> {
+        if !gpa.is_multiple_of(PAGE_SIZE) {
+            return Err(bad(
+                FrameKind::Memory,
+                "run",
+                format!("{gpa:#x} is not page aligned"),
+            ));
+        }
+        let mut done = 0;
+        while done < pages {
+            let n = (pages - done).min(MAX_ZERO_RUN / PAGE_SIZE);
+            self.header(gpa + done * PAGE_SIZE, (n * PAGE_SIZE) as u32, RUN_ZERO);
+            self.zero_pages += n;
+            done += n;
+            if self.buf.len() >= MEMORY_FRAME_TARGET {
+                self.flush(w)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Send what is buffered as one `Memory` frame (nothing when empty).
     pub fn flush<W: Write>(&mut self, w: &mut FrameWriter<W>) -> Result<(), ProtocolError> {
         if self.buf.is_empty() {
@@ -672,12 +776,8 @@ impl MemoryFrameBuilder {
     }
 }
 
-/// Whether a page is all zero.
+/// Whether a page is all zero (wide compares that stop at the first difference; see
+/// [`crate::residency::is_zero`]).
 pub fn is_zero(b: &[u8]) -> bool {
-    let mut words = b.chunks_exact(8);
-    let mut acc = 0u64;
-    for w in &mut words {
-        acc |= u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-    }
-    acc == 0 && words.remainder().iter().all(|x| *x == 0)
+    crate::residency::is_zero(b)
 }

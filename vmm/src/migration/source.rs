@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use serde::Serialize;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
 
 use super::protocol::{FrameKind, FrameReader, FrameWriter, MemoryFrameBuilder, PAGE_SIZE};
 use super::{expect_ack, Endpoint, MigrationError, ProtocolError, Stream};
@@ -37,6 +40,10 @@ pub struct MigrationProgress {
     pub pages_sent: u64,
     /// Pages sent as zero runs.
     pub zero_pages_sent: u64,
+    /// Of those, pages the first pass sent as zero without reading them: never populated
+    /// anonymous private memory, which the kernel guarantees reads as zero (see
+    /// [`crate::residency`]). Always 0 for file-backed or shared guest memory.
+    pub unread_pages: u64,
     /// Dirty pages found by the latest dirty-log read and not yet sent.
     pub dirty_pages_left: u64,
     /// Guest RAM pages.
@@ -73,12 +80,14 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// One RAM slot: its index (the KVM slot), guest address and size.
+/// One RAM slot: its index (the KVM slot), guest address, size and host address.
 #[derive(Clone, Copy, Debug)]
 struct Slot {
     index: u32,
     gpa: u64,
     len: u64,
+    /// Where this process maps it (0: unknown, then every page is read).
+    host: usize,
 }
 
 fn slots(memory: &GuestMemoryMmap) -> Vec<Slot> {
@@ -89,6 +98,9 @@ fn slots(memory: &GuestMemoryMmap) -> Vec<Slot> {
             index: i as u32,
             gpa: r.start_addr().0,
             len: r.len(),
+            host: r
+                .get_host_address(MemoryRegionAddress(0))
+                .map_or(0, |p| p as usize),
         })
         .collect()
 }
@@ -100,7 +112,8 @@ struct Sender<'a> {
     builder: MemoryFrameBuilder,
     memory: Arc<GuestMemoryMmap>,
     progress: &'a SharedProgress,
-    buf: Vec<u8>,
+    /// Pages of the first pass sent as zero without reading them.
+    unread_pages: u64,
     /// The VM, to notice a shutdown (SIGTERM, vm.shutdown) between chunks of a pass.
     vm: &'a Mutex<Vm>,
 }
@@ -111,6 +124,7 @@ impl Sender<'_> {
         p.bytes_sent = self.writer.bytes();
         p.pages_sent = self.builder.data_pages;
         p.zero_pages_sent = self.builder.zero_pages;
+        p.unread_pages = self.unread_pages;
         f(&mut p);
     }
 
@@ -120,13 +134,13 @@ impl Sender<'_> {
         while done < pages {
             let n = (pages - done).min(CHUNK_PAGES);
             let at = gpa + (done as u64) * PAGE_SIZE;
-            self.buf.resize(n * PAGE_SIZE as usize, 0);
-            self.memory
-                .read_slice(&mut self.buf, GuestAddress(at))
-                .map_err(|e| {
+            let memory = &self.memory;
+            // Guest memory is copied once, straight into the frame, and zero-checked there.
+            self.builder.add_read(&mut self.writer, at, n, |buf| {
+                memory.read_slice(buf, GuestAddress(at)).map_err(|e| {
                     MigrationError::Memory(format!("read guest memory at {at:#x}: {e}"))
-                })?;
-            self.builder.add(&mut self.writer, at, &self.buf)?;
+                })
+            })?;
             done += n;
         }
         Ok(())
@@ -143,15 +157,38 @@ impl Sender<'_> {
         }
     }
 
+    /// The first pass: every page of every slot. Pages the kernel says were never populated
+    /// (anonymous private memory only, see [`crate::residency`]) go out as zero runs without
+    /// being read; dirty logging is on already, so a page populated after this look is in the
+    /// next dirty log.
     fn send_all(&mut self, slots: &[Slot]) -> Result<(), MigrationError> {
         for s in slots {
             let pages = (s.len / PAGE_SIZE) as usize;
+            let known = if s.host == 0 {
+                crate::residency::Residency::all(pages, "no host address")
+            } else {
+                crate::residency::scan(s.host, pages * PAGE_SIZE as usize)
+            };
+            if let Some(why) = &known.refused {
+                info!("migration: slot {} is read page by page ({why})", s.index);
+            }
             let mut at = 0;
             while at < pages {
                 self.check_alive()?;
-                let n = (pages - at).min(4096);
-                self.send_range(s.gpa + at as u64 * PAGE_SIZE, n)?;
-                at += n;
+                if known.may_hold_data(at) {
+                    let end = known.run_end(at, 4096);
+                    self.send_range(s.gpa + at as u64 * PAGE_SIZE, end - at)?;
+                    at = end;
+                } else {
+                    let end = known.run_end(at, usize::MAX);
+                    self.builder.add_zero(
+                        &mut self.writer,
+                        s.gpa + at as u64 * PAGE_SIZE,
+                        (end - at) as u64,
+                    )?;
+                    self.unread_pages += (end - at) as u64;
+                    at = end;
+                }
                 self.update(|_| {});
             }
         }
@@ -386,7 +423,7 @@ fn run(
         builder: MemoryFrameBuilder::new(),
         memory,
         progress,
-        buf: Vec::new(),
+        unread_pages: 0,
         vm,
     };
     let res = conversation(
@@ -464,7 +501,13 @@ fn conversation(
     tx.send_all(slots)?;
     let ram_pages: u64 = slots.iter().map(|s| s.len / PAGE_SIZE).sum();
     let mut model = CostModel::default();
-    model.measure(&tx.writer, ram_pages, pass0.elapsed());
+    // The rate of pages read and checked: those known zero unread cost (almost) nothing and
+    // would make every later prediction too hopeful.
+    model.measure(
+        &tx.writer,
+        ram_pages.saturating_sub(tx.unread_pages),
+        pass0.elapsed(),
+    );
     let target = cfg.downtime();
     let mut iteration = 0;
     let mut pending = dirty_logs(hv, slots)?;

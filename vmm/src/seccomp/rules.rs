@@ -400,14 +400,17 @@ fn create_ioctls() -> KindRules {
     ])
 }
 
-/// The migration sender: pre-copy with dirty logging, pause, the vCPU and clock state, the
-/// socket; on failure it resumes the VM (time thawed: KVM_SET_CLOCK, TSC offsets, MSRs). It
+/// The migration sender: pre-copy with dirty logging (which pages hold data: `mincore` and
+/// `pread` of files opened earlier), pause, the vCPU and clock state, the socket; on failure it resumes the VM (time thawed: KVM_SET_CLOCK, TSC offsets, MSRs). It
 /// spawns nothing.
 pub fn migration_send_rules() -> KindRules {
     base_rules()
         .with(socket_rules())
         .with(state_get_ioctls())
         .io(ioctl_list![KVM_GET_DIRTY_LOG, KVM_SET_USER_MEMORY_REGION])
+        // Which guest pages were never populated (residency): the page tables, and
+        // /proc/self/maps and pagemap opened beforehand by the control thread.
+        .sys(&[libc::SYS_mincore, libc::SYS_pread64])
         .refuse(OPEN_CALLS)
 }
 

@@ -3,6 +3,9 @@
 //! Writing walks each RAM region 4 KiB page by page; all-zero pages are skipped (the file is
 //! sized with `ftruncate` first, so they stay holes) and runs of non-zero pages go out as single
 //! `pwrite`s of up to [`MAX_WRITE`] bytes straight from guest memory, hashed in the same pass.
+//! Pages the kernel says were never populated are holes without being read: only in
+//! anonymous private RAM, where the kernel guarantees they read as zero (see
+//! [`crate::residency`]); file-backed RAM (a restored VM's) and shared RAM are read in full.
 //!
 //! Reading never writes the file: it is opened read-only, and mapped `MAP_PRIVATE` (the guest's
 //! writes go to private copy-on-write pages) or read into anonymous memory.
@@ -22,6 +25,7 @@ use super::error::{io, SnapshotError};
 use super::format::MemoryLayout;
 use super::hash::{is_zero, Hasher64, PAGE};
 use super::MEMORY_FILE;
+use crate::residency::Residency;
 
 /// The largest single write (and read) of guest memory.
 pub const MAX_WRITE: usize = 8 << 20;
@@ -100,13 +104,27 @@ fn host_regions<'m>(
     Ok(out)
 }
 
+/// Which pages of each region may hold data (the others are zero and are not read).
+fn residency(regions: &[(u64, &[u8])]) -> Vec<Residency> {
+    regions
+        .iter()
+        .map(|(_, bytes)| {
+            let r = crate::residency::scan(bytes.as_ptr() as usize, bytes.len() / PAGE * PAGE);
+            if let Some(why) = &r.refused {
+                log::debug!("snapshot: every page of a region is read ({why})");
+            }
+            r
+        })
+        .collect()
+}
+
 /// `hg64` of guest RAM as `memory.bin` will hold it (non-zero pages with their file page index).
-fn hash_regions(regions: &[(u64, &[u8])]) -> u64 {
+fn hash_regions(regions: &[(u64, &[u8])], known: &[Residency]) -> u64 {
     let mut h = Hasher64::new();
-    for (file_offset, bytes) in regions {
+    for ((file_offset, bytes), known) in regions.iter().zip(known) {
         let base_page = file_offset / PAGE as u64;
         for (i, p) in bytes.chunks_exact(PAGE).enumerate() {
-            if !is_zero(p) {
+            if known.may_hold_data(i) && !is_zero(p) {
                 h.page(base_page + i as u64, p);
             }
         }
@@ -125,6 +143,8 @@ pub(crate) fn write(
     layout: &MemoryLayout,
 ) -> Result<MemoryWrite, SnapshotError> {
     let regions = host_regions(memory, layout)?;
+    // The VM is paused: what the kernel says now holds until the write is over.
+    let known = residency(&regions);
     let file_len = layout.file_len();
     file.set_len(file_len)
         .map_err(io(path, "set the memory file's size"))?;
@@ -132,13 +152,18 @@ pub(crate) fn write(
     let (hash, written) = std::thread::scope(|s| {
         let hasher = std::thread::Builder::new()
             .name("snapshot-hash".into())
-            .spawn_scoped(s, || hash_regions(&regions));
+            .spawn_scoped(s, || hash_regions(&regions, &known));
         let written = (|| {
             let mut data_bytes = 0u64;
-            for (file_offset, bytes) in &regions {
+            for ((file_offset, bytes), known) in regions.iter().zip(&known) {
                 let pages = bytes.len() / PAGE;
                 let mut i = 0;
                 while i < pages {
+                    if !known.may_hold_data(i) {
+                        // Never populated: a hole, unread.
+                        i = known.run_end(i, usize::MAX);
+                        continue;
+                    }
                     if is_zero(&bytes[i * PAGE..(i + 1) * PAGE]) {
                         i += 1;
                         continue;
@@ -146,6 +171,7 @@ pub(crate) fn write(
                     let start = i;
                     while i < pages
                         && i - start < max_run
+                        && known.may_hold_data(i)
                         && !is_zero(&bytes[i * PAGE..(i + 1) * PAGE])
                     {
                         i += 1;
@@ -160,8 +186,8 @@ pub(crate) fn write(
         })();
         // Without a second thread, hash here.
         let hash = match hasher {
-            Ok(h) => h.join().unwrap_or_else(|_| hash_regions(&regions)),
-            Err(_) => hash_regions(&regions),
+            Ok(h) => h.join().unwrap_or_else(|_| hash_regions(&regions, &known)),
+            Err(_) => hash_regions(&regions, &known),
         };
         (hash, written)
     });
