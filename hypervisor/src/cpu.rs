@@ -25,6 +25,12 @@ pub enum VmExit<'a> {
     Interrupted,
     /// The guest asked for a reset (e.g. i8042 or KVM system event).
     Reset,
+    /// The hypervisor could not handle an exit itself (KVM's `KVM_EXIT_INTERNAL_ERROR`):
+    /// `suberror` says why (KVM's `KVM_INTERNAL_ERROR_*`: 1 emulation failed, 2 a fault while
+    /// delivering a fault, 3 an event delivery failed, 4 an unexpected exit reason) and `data`
+    /// holds the words it added (for an emulation failure with its flag bit 0 set: flags, then
+    /// the instruction's length and bytes). The guest cannot go on.
+    InternalError { suberror: u32, data: Vec<u64> },
     /// Anything else, described for the log.
     Other(String),
 }

@@ -138,11 +138,16 @@ impl Controller {
                         error!("VM stopped ({ev:?}): {why}");
                         break 1;
                     }
-                    warn!("VM stopped: {ev:?}");
-                    break match ev {
-                        VmEvent::VcpuError(..) => 1,
-                        _ => 0,
-                    };
+                    match ev {
+                        VmEvent::VcpuError(..) => {
+                            error!("VM stopped: {ev}");
+                            break 1;
+                        }
+                        _ => {
+                            warn!("VM stopped: {ev}");
+                            break 0;
+                        }
+                    }
                 }
                 Err(_) => {
                     error!("control channel closed");

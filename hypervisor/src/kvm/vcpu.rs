@@ -72,6 +72,30 @@ impl KvmKicker {
     }
 }
 
+impl KvmKicker {
+    /// The `internal` member of `kvm_run` (suberror and the `ndata` words, at most 16), read
+    /// from this mapping after KVM_RUN returned `KVM_EXIT_INTERNAL_ERROR`. Read here rather than
+    /// through the `VcpuFd` because the exit that `VcpuFd::run` returns still borrows it.
+    fn internal_error(&self) -> (u32, Vec<u64>) {
+        let off = std::mem::offset_of!(kvm_run, __bindgen_anon_1);
+        // SAFETY: the union sits inside the mapped kvm_run (len >= size_of::<kvm_run>() or the
+        // whole mmap), the mapping lives as long as `self`; KVM wrote the `internal` member
+        // before KVM_RUN returned on this thread, and a volatile read of plain integers from
+        // the shared page cannot produce an invalid value.
+        let internal = unsafe {
+            std::ptr::read_volatile(
+                self.base
+                    .as_ptr()
+                    .cast::<u8>()
+                    .add(off)
+                    .cast::<kvm_bindings::kvm_run__bindgen_ty_1__bindgen_ty_13>(),
+            )
+        };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        (internal.suberror, internal.data[..n].to_vec())
+    }
+}
+
 impl VcpuKicker for KvmKicker {
     fn set(&self, exit: bool) {
         let off = std::mem::offset_of!(kvm_run, immediate_exit);
@@ -234,6 +258,10 @@ impl Vcpu for KvmVcpu {
                     kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::Shutdown,
                     other => VmExit::Other(format!("vCPU {id}: system event {other}")),
                 },
+                VcpuExit::InternalError => {
+                    let (suberror, data) = kicker.internal_error();
+                    VmExit::InternalError { suberror, data }
+                }
                 other => VmExit::Other(format!("vCPU {id}: {other:?}")),
             }),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {

@@ -25,7 +25,9 @@
 //!
 //! * [`park`]: what a thread reads at its park, and how long it holds.
 //! * [`sched`]: the short time slice for threads that carry a pause or resume.
+//! * [`internal`]: what a `KVM_EXIT_INTERNAL_ERROR` means, for the error that ends the VM.
 
+pub mod internal;
 mod park;
 mod sched;
 
@@ -57,6 +59,16 @@ pub enum VmEvent {
     GuestReset(u32),
     /// A vCPU failed.
     VcpuError(u32, String),
+}
+
+impl std::fmt::Display for VmEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmEvent::GuestShutdown(id) => write!(f, "the guest shut down (vCPU {id})"),
+            VmEvent::GuestReset(id) => write!(f, "the guest asked for a reset (vCPU {id})"),
+            VmEvent::VcpuError(id, what) => write!(f, "vCPU {id} failed: {what}"),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -537,6 +549,13 @@ fn run_until_leave(id: u32, vcpu: &mut dyn Vcpu, shared: &Shared) -> Leave {
             Ok(VmExit::Reset) => {
                 info!("vCPU {id}: guest reset");
                 shared.send(VmEvent::GuestReset(id));
+                return Leave::Exit;
+            }
+            Ok(VmExit::InternalError { suberror, data }) => {
+                let rip = vcpu.regs().ok().map(|r| r.rip);
+                let what = internal::describe(suberror, &data, rip);
+                error!("vCPU {id}: {what}");
+                shared.send(VmEvent::VcpuError(id, what));
                 return Leave::Exit;
             }
             Ok(VmExit::Other(what)) => {
