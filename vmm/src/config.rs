@@ -70,8 +70,17 @@ pub struct VmConfig {
     pub cpus: CpusConfig,
     /// Memory.
     pub memory: MemoryConfig,
-    /// The kernel image (`None`: the built-in test guest).
+    /// The kernel image (`None`: the built-in test guest): an ELF with a PVH entry note or a
+    /// bzImage.
     pub kernel: Option<PathBuf>,
+    /// The initramfs given to `kernel` (Cloud Hypervisor's `--initramfs`). Absent from the
+    /// configurations of older snapshots: `None`.
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    /// The kernel command line (Cloud Hypervisor's `--cmdline`). Absent from the
+    /// configurations of older snapshots: `None`.
+    #[serde(default)]
+    pub cmdline: Option<String>,
     /// Serial output.
     pub serial: SerialOutput,
     /// The clock policy for resumes that do not name one.
@@ -94,6 +103,8 @@ impl Default for VmConfig {
                 size: DEFAULT_MEMORY,
             },
             kernel: None,
+            initramfs: None,
+            cmdline: None,
             serial: SerialOutput::Tty,
             clock_policy: ClockPolicy::Wallclock,
             dirty_mib: 0,
@@ -205,6 +216,44 @@ pub fn parse_api_socket(s: &str) -> Result<PathBuf, OptionValueError> {
     Ok(PathBuf::from(p))
 }
 
+/// A file path option (`--kernel PATH`, `--initramfs PATH`): not empty. Whether the file is
+/// there and what it holds is checked when the VM is built, before it is created.
+pub fn parse_path(option: &'static str, s: &str) -> Result<PathBuf, OptionValueError> {
+    if s.is_empty() {
+        return Err(err(option, s, "empty path"));
+    }
+    Ok(PathBuf::from(s))
+}
+
+/// `--kernel PATH`.
+pub fn parse_kernel(s: &str) -> Result<PathBuf, OptionValueError> {
+    parse_path("kernel", s)
+}
+
+/// `--initramfs PATH`.
+pub fn parse_initramfs(s: &str) -> Result<PathBuf, OptionValueError> {
+    parse_path("initramfs", s)
+}
+
+/// `--cmdline "..."`: at most what fits where Hourglass puts it (64 KiB with the NUL), no NUL
+/// byte; the kernel's own limit (a bzImage's `cmdline_size`, 2047 bytes for PVH) is checked
+/// against the image when the VM is built.
+pub fn parse_cmdline(s: &str) -> Result<String, OptionValueError> {
+    let max = arch::layout::CMDLINE_MAX_SIZE as usize - 1;
+    if s.len() > max {
+        let shown = s.chars().take(40).collect::<String>() + "...";
+        return Err(err(
+            "cmdline",
+            &shown,
+            format!("{} bytes, more than any kernel here takes ({max})", s.len()),
+        ));
+    }
+    if s.contains('\0') {
+        return Err(err("cmdline", s, "holds a NUL byte"));
+    }
+    Ok(s.to_string())
+}
+
 /// `--clock-policy wallclock|frozen`, spelled as [`ClockPolicy`]'s `FromStr` wants it.
 pub fn parse_clock_policy(s: &str) -> Result<ClockPolicy, OptionValueError> {
     s.parse()
@@ -306,6 +355,34 @@ mod tests {
     }
 
     #[test]
+    fn payload_options_name_the_flag() {
+        assert_eq!(parse_kernel("/k").unwrap(), PathBuf::from("/k"));
+        let e = parse_kernel("").unwrap_err();
+        assert_eq!(e.to_string(), "--kernel \"\": empty path");
+        let e = parse_initramfs("").unwrap_err();
+        assert!(e.to_string().starts_with("--initramfs "), "{e}");
+        assert_eq!(parse_cmdline("console=ttyS0").unwrap(), "console=ttyS0");
+        assert_eq!(parse_cmdline("").unwrap(), "");
+        let e = parse_cmdline(&"x".repeat(70_000)).unwrap_err();
+        assert!(e.to_string().starts_with("--cmdline \"xxx"), "{e}");
+        assert!(e.reason.contains("70000 bytes"), "{e}");
+        assert!(parse_cmdline("a\0b")
+            .unwrap_err()
+            .to_string()
+            .contains("NUL"));
+    }
+
+    #[test]
+    fn old_configs_decode_without_the_payload_fields() {
+        let mut v = serde_json::to_value(VmConfig::default()).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("initramfs");
+        o.remove("cmdline");
+        let c: VmConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(c, VmConfig::default());
+    }
+
+    #[test]
     fn arbitrary_input_never_panics() {
         let samples = [
             "\"",
@@ -324,6 +401,9 @@ mod tests {
             let _ = parse_serial(s);
             let _ = parse_api_socket(s);
             let _ = parse_clock_policy(s);
+            let _ = parse_kernel(s);
+            let _ = parse_initramfs(s);
+            let _ = parse_cmdline(s);
             let _ = parse_size("x", s);
         }
     }

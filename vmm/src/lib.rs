@@ -228,8 +228,8 @@ impl Vmm {
                 "payload": {
                     "firmware": null,
                     "kernel": c.kernel,
-                    "cmdline": null,
-                    "initramfs": null,
+                    "cmdline": c.cmdline,
+                    "initramfs": c.initramfs,
                 },
                 "serial": { "file": file, "mode": mode, "iommu": false, "socket": null },
                 "console": { "file": null, "mode": "Off", "iommu": false, "socket": null },

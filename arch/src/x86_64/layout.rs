@@ -2,12 +2,18 @@
 //!
 //! ```text
 //! 0x0000_0000  RAM (low)
-//!   0x500      boot GDT (4 entries)
+//!   0x500      boot GDT (4 entries for PVH, 5 for the Linux 64-bit entry)
 //!   0x6000     PVH hvm_start_info
+//!   0x6400     PVH module list (one hvm_modlist_entry: the initramfs)
 //!   0x7000     PVH memory map (hvm_memmap_table_entry array)
+//!   0x8000     Linux boot_params ("zero page", bzImage only)
+//!   0x9000     Linux boot page tables: PML4, PDPT, 4 PDs identity-mapping 4 GiB (bzImage)
+//!   0xfff0     Linux boot stack pointer (bzImage; grows down into 0xf000)
+//!   0x2_0000   kernel command line (NUL-terminated, at most 64 KiB)
 //!   0x9_fc00   end of low RAM in the memory map (EBDA above, reserved)
-//! 0x0010_0000  guest image (ELF segments at their physical addresses, normally 1 MiB)
-//!   ...        RAM up to min(size, 3 GiB)
+//! 0x0010_0000  guest image (ELF segments at their physical addresses, normally 1 MiB; a
+//!              bzImage's protected-mode code at its code32_start, 1 MiB)
+//!   ...        RAM up to min(size, 3 GiB); the initramfs at the top of it, page aligned
 //! 0xc000_0000  32-bit MMIO hole (3 GiB .. 4 GiB), no RAM
 //! 0x1_0000_0000 the rest of RAM above 4 GiB
 //! ```
@@ -22,10 +28,26 @@ pub const BOOT_GDT_START: GuestAddress = GuestAddress(0x500);
 pub const BOOT_GDT_ENTRIES: usize = 4;
 /// Where the PVH `hvm_start_info` goes (EBX at the entry points here).
 pub const PVH_INFO_START: GuestAddress = GuestAddress(0x6000);
+/// Where the PVH module list goes (one entry: the initramfs).
+pub const PVH_MODLIST_START: GuestAddress = GuestAddress(0x6400);
 /// Where the PVH memory map goes.
 pub const MEMMAP_START: GuestAddress = GuestAddress(0x7000);
 /// Maximum number of memory map entries.
 pub const MEMMAP_MAX_ENTRIES: usize = 8;
+/// Where a bzImage's `boot_params` (the "zero page") goes.
+pub const ZERO_PAGE_START: GuestAddress = GuestAddress(0x8000);
+/// The boot PML4 for the Linux 64-bit entry; the PDPT follows it, then four page directories.
+pub const PML4_START: GuestAddress = GuestAddress(0x9000);
+/// The boot PDPT.
+pub const PDPT_START: GuestAddress = GuestAddress(0xa000);
+/// The first of the four boot page directories (2 MiB pages, identity map of 0..4 GiB).
+pub const PD_START: GuestAddress = GuestAddress(0xb000);
+/// The stack pointer at the Linux 64-bit entry (the kernel switches to its own at once).
+pub const BOOT_STACK_POINTER: GuestAddress = GuestAddress(0xfff0);
+/// Where the kernel command line goes.
+pub const CMDLINE_START: GuestAddress = GuestAddress(0x2_0000);
+/// The room for the command line, its terminating NUL included.
+pub const CMDLINE_MAX_SIZE: u64 = 0x1_0000;
 /// End of usable low RAM (the EBDA and the legacy ROM area sit above it).
 pub const LOW_RAM_END: u64 = 0x9_fc00;
 /// Where guest images are loaded (ELF images give their own physical addresses; they must be at
@@ -43,7 +65,14 @@ pub const MAX_MEMORY: u64 = 1 << 40;
 // The boot structures sit below the image and do not overlap (checked at compile time).
 const _: () = {
     assert!(BOOT_GDT_START.0 + (BOOT_GDT_ENTRIES as u64) * 8 <= PVH_INFO_START.0);
-    assert!(PVH_INFO_START.0 + 56 <= MEMMAP_START.0);
+    assert!(PVH_INFO_START.0 + 56 <= PVH_MODLIST_START.0);
+    assert!(PVH_MODLIST_START.0 + 32 <= MEMMAP_START.0);
+    assert!(MEMMAP_START.0 + (MEMMAP_MAX_ENTRIES as u64) * 24 <= ZERO_PAGE_START.0);
+    assert!(ZERO_PAGE_START.0 + 4096 <= PML4_START.0);
+    assert!(PML4_START.0 + 4096 == PDPT_START.0 && PDPT_START.0 + 4096 == PD_START.0);
+    assert!(PD_START.0 + 4 * 4096 < BOOT_STACK_POINTER.0);
+    assert!(BOOT_STACK_POINTER.0 < CMDLINE_START.0);
+    assert!(CMDLINE_START.0 + CMDLINE_MAX_SIZE <= LOW_RAM_END);
     assert!(MEMMAP_START.0 + (MEMMAP_MAX_ENTRIES as u64) * 24 <= LOW_RAM_END);
     assert!(LOW_RAM_END <= HIGH_RAM_START.0);
 };

@@ -1,7 +1,9 @@
 //! x86_64 guest setup.
 
+pub mod boot;
 pub mod cpuid;
 pub mod layout;
+pub mod linux;
 pub mod loader;
 pub mod msr;
 pub mod regs;

@@ -1,9 +1,12 @@
 //! The register state at the PVH 32-bit entry: flat protected mode, paging off, EBX pointing at
-//! `hvm_start_info` (per the PVH ABI; every vCPU starts there in Hourglass).
+//! `hvm_start_info` (per the PVH ABI; every vCPU starts there in Hourglass); and at the Linux
+//! 64-bit entry of a bzImage: long mode on identity-mapped pages, `__BOOT_CS` (0x10) and
+//! `__BOOT_DS` (0x18) flat, RSI pointing at `boot_params` (only the boot vCPU starts there).
 
 use hypervisor::arch::{DescriptorTable, SegmentRegister, SpecialRegisters, StandardRegisters};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::boot::EntryMode;
 use super::layout;
 use crate::{Error, Result};
 
@@ -19,6 +22,28 @@ pub const BOOT_GDT: [u64; layout::BOOT_GDT_ENTRIES] = [
     gdt_entry(0xc093, 0, 0xfffff),
     gdt_entry(0x008b, 0, 0xfffff),
 ];
+
+/// The GDT for the Linux 64-bit entry: two nulls, 64-bit code at `__BOOT_CS` (0x10), flat data
+/// at `__BOOT_DS` (0x18), a 64-bit TSS (0x20), as Documentation/arch/x86/boot.rst asks.
+pub const LINUX_BOOT_GDT: [u64; 5] = [
+    0,
+    0,
+    gdt_entry(0xa09b, 0, 0xfffff),
+    gdt_entry(0xc093, 0, 0xfffff),
+    gdt_entry(0x808b, 0, 0xfffff),
+];
+
+/// CR0.PG: paging.
+pub const X86_CR0_PG: u64 = 1 << 31;
+/// CR4.PAE.
+pub const X86_CR4_PAE: u64 = 1 << 5;
+/// EFER.LME and EFER.LMA: long mode enabled and active.
+pub const EFER_LME_LMA: u64 = (1 << 8) | (1 << 10);
+
+// The larger GDT fits where the PVH one goes.
+const _: () = assert!(
+    layout::BOOT_GDT_START.0 + (LINUX_BOOT_GDT.len() as u64) * 8 <= layout::PVH_INFO_START.0
+);
 
 /// Encode a GDT descriptor from its flags (access byte in bits 0..8, flags in 12..16), base and
 /// 20-bit limit.
@@ -57,9 +82,22 @@ pub fn segment_from_gdt(entry: u64, table_index: u8) -> SegmentRegister {
     }
 }
 
+/// The GDT an entry mode loads.
+pub fn gdt_for(mode: EntryMode) -> &'static [u64] {
+    match mode {
+        EntryMode::Pvh => &BOOT_GDT,
+        EntryMode::Linux64 => &LINUX_BOOT_GDT,
+    }
+}
+
 /// Write [`BOOT_GDT`] at [`layout::BOOT_GDT_START`].
 pub fn write_boot_gdt(mem: &GuestMemoryMmap) -> Result<()> {
-    for (i, entry) in BOOT_GDT.iter().enumerate() {
+    write_gdt(mem, EntryMode::Pvh)
+}
+
+/// Write the GDT of `mode` at [`layout::BOOT_GDT_START`].
+pub fn write_gdt(mem: &GuestMemoryMmap, mode: EntryMode) -> Result<()> {
+    for (i, entry) in gdt_for(mode).iter().enumerate() {
         let addr = layout::BOOT_GDT_START.unchecked_add(i as u64 * 8);
         mem.write_obj(*entry, addr)
             .map_err(|source| Error::GuestMemory {
@@ -105,6 +143,55 @@ pub fn pvh_boot_sregs(current: &SpecialRegisters) -> SpecialRegisters {
         cr4: 0,
         efer: 0,
         ..*current
+    }
+}
+
+/// General-purpose registers at the entry of `mode`: PVH as [`pvh_boot_regs`]; Linux 64-bit:
+/// RIP = entry, RSI = `boot_params`, a stack below the page tables, RFLAGS = 2.
+pub fn boot_regs(mode: EntryMode, entry: GuestAddress) -> StandardRegisters {
+    match mode {
+        EntryMode::Pvh => pvh_boot_regs(entry),
+        EntryMode::Linux64 => StandardRegisters {
+            rip: entry.raw_value(),
+            rsi: layout::ZERO_PAGE_START.raw_value(),
+            rsp: layout::BOOT_STACK_POINTER.raw_value(),
+            rbp: layout::BOOT_STACK_POINTER.raw_value(),
+            rflags: 0x2,
+            ..Default::default()
+        },
+    }
+}
+
+/// Special registers at the entry of `mode`, from the vCPU's current ones: PVH as
+/// [`pvh_boot_sregs`]; Linux 64-bit: long mode (CR0.PG|PE, CR4.PAE, EFER.LME|LMA, CR3 at the
+/// boot PML4), 64-bit code at 0x10, flat data at 0x18.
+pub fn boot_sregs(mode: EntryMode, current: &SpecialRegisters) -> SpecialRegisters {
+    match mode {
+        EntryMode::Pvh => pvh_boot_sregs(current),
+        EntryMode::Linux64 => {
+            let code = segment_from_gdt(LINUX_BOOT_GDT[2], 2);
+            let data = segment_from_gdt(LINUX_BOOT_GDT[3], 3);
+            let tss = segment_from_gdt(LINUX_BOOT_GDT[4], 4);
+            SpecialRegisters {
+                cs: code,
+                ds: data,
+                es: data,
+                fs: data,
+                gs: data,
+                ss: data,
+                tr: tss,
+                gdt: DescriptorTable {
+                    base: layout::BOOT_GDT_START.raw_value(),
+                    limit: (LINUX_BOOT_GDT.len() * 8 - 1) as u16,
+                },
+                idt: DescriptorTable { base: 0, limit: 0 },
+                cr0: current.cr0 | X86_CR0_PE | X86_CR0_ET | X86_CR0_PG,
+                cr3: layout::PML4_START.raw_value(),
+                cr4: X86_CR4_PAE,
+                efer: EFER_LME_LMA,
+                ..*current
+            }
+        }
     }
 }
 
@@ -159,9 +246,41 @@ mod tests {
     }
 
     #[test]
-    fn boot_regs() {
+    fn pvh_regs() {
         let r = pvh_boot_regs(GuestAddress(0x10_0040));
         assert_eq!((r.rip, r.rbx, r.rflags), (0x10_0040, 0x6000, 2));
+        assert_eq!(boot_regs(EntryMode::Pvh, GuestAddress(0x10_0040)), r);
+    }
+
+    #[test]
+    fn linux64_entry_state() {
+        let r = boot_regs(EntryMode::Linux64, GuestAddress(0x10_0200));
+        assert_eq!(
+            (r.rip, r.rsi, r.rsp, r.rflags),
+            (0x10_0200, 0x8000, 0xfff0, 2)
+        );
+        let cur = SpecialRegisters {
+            apic_base: 0xfee0_0900,
+            cr0: 0x6000_0010,
+            ..Default::default()
+        };
+        let s = boot_sregs(EntryMode::Linux64, &cur);
+        assert_eq!(s.apic_base, 0xfee0_0900);
+        assert_eq!(s.cr0 & 0x8000_0001, 0x8000_0001, "PG and PE");
+        assert_eq!((s.cr3, s.cr4, s.efer), (0x9000, 0x20, 0x500));
+        assert_eq!(
+            (s.cs.selector, s.cs.l, s.cs.db, s.cs.type_),
+            (0x10, 1, 0, 0xb)
+        );
+        for seg in [s.ds, s.es, s.ss] {
+            assert_eq!((seg.selector, seg.base, seg.limit), (0x18, 0, 0xffff_ffff));
+        }
+        assert_eq!((s.tr.selector, s.tr.type_), (0x20, 0xb));
+        assert_eq!((s.gdt.base, s.gdt.limit), (0x500, 39));
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        write_gdt(&m, EntryMode::Linux64).unwrap();
+        let e: u64 = m.read_obj(GuestAddress(0x510)).unwrap();
+        assert_eq!(e, 0x00af_9b00_0000_ffff);
     }
 
     #[test]

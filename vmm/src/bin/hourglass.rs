@@ -13,8 +13,8 @@ use clap::Parser;
 use log::info;
 use vmm::api::start_api_server;
 use vmm::config::{
-    parse_api_socket, parse_clock_policy, parse_cpus, parse_memory, parse_serial, CpusConfig,
-    MemoryConfig, VmConfig,
+    parse_api_socket, parse_clock_policy, parse_cmdline, parse_cpus, parse_initramfs, parse_kernel,
+    parse_memory, parse_serial, CpusConfig, MemoryConfig, VmConfig,
 };
 use vmm::control::Controller;
 use vmm::seccomp::{self, SeccompMode, ThreadKind};
@@ -30,9 +30,9 @@ use vmm::{Service, Vmm};
     long_about = None,
     after_help = "\
 Modes (one per process):
-  boot     any of --cpus, --memory, --kernel, --clock-policy, --dirty-mib, --guest-idle-us,
-           or no --api-socket: boots a VM (the built-in test guest unless --kernel), with
-           1 vCPU and 512 MiB by default
+  boot     any of --cpus, --memory, --kernel (with --initramfs, --cmdline), --clock-policy,
+           --dirty-mib, --guest-idle-us, or no --api-socket: boots a VM (the built-in test
+           guest unless --kernel), with 1 vCPU and 512 MiB by default
   restore  --restore source_url=file:///DIR[,...]: restores a snapshot instead
   serve    only --api-socket (and --serial): no VM until vm.restore or vm.receive-migration
            arrives on the API socket
@@ -40,6 +40,7 @@ Flags that would have no effect in the mode chosen are refused.
 
 Examples:
   hourglass --cpus boot=2 --memory size=256M --api-socket path=/tmp/hg.sock
+  hourglass --kernel vmlinuz --initramfs initrd.img --cmdline \"console=ttyS0\"
   hourglass --restore source_url=file:///var/snap,resume=true --api-socket path=/tmp/hg.sock
   hourglass --api-socket path=/tmp/dst.sock     # then: ch-remote ... receive-migration"
 )]
@@ -50,9 +51,18 @@ struct Cli {
     /// Guest memory: size=SIZE, K, M and G suffixes [default: size=512M]
     #[arg(long, value_name = "size=SIZE", value_parser = parse_memory)]
     memory: Option<MemoryConfig>,
-    /// A PVH ELF image to boot instead of the built-in test guest
-    #[arg(long, value_name = "PATH")]
+    /// A kernel to boot instead of the built-in test guest: an ELF with a PVH entry note (a
+    /// Linux vmlinux with CONFIG_PVH, or a small PVH program) or a bzImage (a distribution's
+    /// vmlinuz, through the Linux 64-bit boot protocol)
+    #[arg(long, value_name = "PATH", value_parser = parse_kernel)]
     kernel: Option<PathBuf>,
+    /// The initramfs for --kernel (a PVH module, or the bzImage's ramdisk)
+    #[arg(long, value_name = "PATH", value_parser = parse_initramfs, requires = "kernel")]
+    initramfs: Option<PathBuf>,
+    /// The command line for --kernel (at most 2047 bytes for PVH; a bzImage's own limit)
+    #[arg(long, value_name = "\"...\"", value_parser = parse_cmdline, requires = "kernel",
+          allow_hyphen_values = true)]
+    cmdline: Option<String>,
     /// Serial output: tty, file=PATH or off [default: tty]. With --restore or vm.restore:
     /// replaces the snapshot's serial output
     #[arg(long, value_name = "tty|file=PATH|off", value_parser = parse_serial)]
@@ -66,7 +76,8 @@ struct Cli {
         long,
         value_name = "source_url=file:///DIR[,resume=true][,clock_policy=wallclock|frozen]",
         value_parser = parse_restore,
-        conflicts_with_all = ["cpus", "memory", "kernel", "dirty_mib", "guest_idle_us", "clock_policy"]
+        conflicts_with_all = ["cpus", "memory", "kernel", "initramfs", "cmdline", "dirty_mib",
+                              "guest_idle_us", "clock_policy"]
     )]
     restore: Option<vmm::api::RestoreConfig>,
     /// API socket: path=PATH (or a bare PATH); at most 107 bytes
@@ -87,8 +98,9 @@ struct Cli {
     #[arg(
         long = "write-guest",
         value_name = "PATH",
-        conflicts_with_all = ["cpus", "memory", "kernel", "serial", "restore", "api_socket",
-                              "clock_policy", "dirty_mib", "guest_idle_us"]
+        conflicts_with_all = ["cpus", "memory", "kernel", "initramfs", "cmdline", "serial",
+                              "restore", "api_socket", "clock_policy", "dirty_mib",
+                              "guest_idle_us"]
     )]
     write_guest: Option<PathBuf>,
     /// Per-thread seccomp filters: true (a forbidden syscall ends the process with SIGSYS and
@@ -151,6 +163,8 @@ fn run(cli: Cli) -> Result<()> {
         cpus: cli.cpus.unwrap_or(defaults.cpus),
         memory: cli.memory.unwrap_or(defaults.memory),
         kernel: cli.kernel.clone(),
+        initramfs: cli.initramfs.clone(),
+        cmdline: cli.cmdline.clone(),
         serial: cli.serial.clone().unwrap_or(defaults.serial.clone()),
         clock_policy: cli.clock_policy.unwrap_or(defaults.clock_policy),
         dirty_mib: cli.dirty_mib.unwrap_or(defaults.dirty_mib),

@@ -28,13 +28,35 @@ pub enum VmError {
         reason: String,
     },
     /// The kernel image could not be read.
-    #[error("cannot read the kernel image {path}")]
+    #[error("--kernel {path}: cannot read it")]
     Kernel {
         /// The path given.
         path: PathBuf,
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// The initramfs could not be read (missing, not a regular file, larger than RAM below
+    /// the 32-bit hole).
+    #[error("--initramfs {path}: cannot use it in guest RAM below {room:#x}")]
+    Initramfs {
+        /// The path given.
+        path: PathBuf,
+        /// The most bytes that could fit.
+        room: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel, the initramfs or the command line does not fit the boot protocol or the
+    /// guest memory.
+    #[error("{subject}")]
+    Payload {
+        /// The flag and file: `--kernel PATH`, `--initramfs PATH`, `--cmdline`.
+        subject: String,
+        /// Why.
+        #[source]
+        source: arch::Error,
     },
     /// The configuration cannot run (e.g. too many vCPUs for the test guest).
     #[error("invalid configuration: {0}")]

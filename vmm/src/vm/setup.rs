@@ -20,6 +20,71 @@ use crate::vcpu::{Shared, VcpuSet, VmEvent};
 /// with debug information several hundred).
 const MAX_KERNEL_BYTES: u64 = 1 << 30;
 
+/// The kernel and initramfs bytes to boot.
+struct PayloadBytes {
+    kernel: std::borrow::Cow<'static, [u8]>,
+    initramfs: Option<Vec<u8>>,
+}
+
+/// Read `--kernel` (or take the built-in test guest) and `--initramfs`, each a regular file of
+/// bounded size; an initramfs without a kernel, or a command line without one, is refused.
+fn read_payload(config: &VmConfig) -> Result<PayloadBytes, VmError> {
+    let Some(kernel) = &config.kernel else {
+        if config.initramfs.is_some() || config.cmdline.is_some() {
+            return Err(VmError::Config(
+                "an initramfs or a command line needs a kernel (--kernel); the built-in test \
+                 guest takes neither"
+                    .into(),
+            ));
+        }
+        return Ok(PayloadBytes {
+            kernel: guest::GUEST_ELF.into(),
+            initramfs: None,
+        });
+    };
+    let kernel_bytes =
+        crate::files::read_regular(kernel, MAX_KERNEL_BYTES).map_err(|source| VmError::Kernel {
+            path: kernel.clone(),
+            source,
+        })?;
+    // No initramfs larger than RAM below the 32-bit hole can fit: refuse it unread.
+    let room = config.memory.size.min(arch::layout::MEM_32BIT_GAP_START);
+    let initramfs = match &config.initramfs {
+        Some(p) => {
+            Some(
+                crate::files::read_regular(p, room).map_err(|source| VmError::Initramfs {
+                    path: p.clone(),
+                    room,
+                    source,
+                })?,
+            )
+        }
+        None => None,
+    };
+    Ok(PayloadBytes {
+        kernel: kernel_bytes.into(),
+        initramfs,
+    })
+}
+
+/// Name the file or flag an `arch` error is about.
+fn payload_error(config: &VmConfig, source: arch::Error) -> VmError {
+    let path = |p: &Option<std::path::PathBuf>| {
+        p.as_ref()
+            .map_or("(none)".to_string(), |p| p.display().to_string())
+    };
+    let subject = match source.subject() {
+        arch::Subject::Kernel => match &config.kernel {
+            Some(p) => format!("--kernel {}", p.display()),
+            None => "the built-in test guest".into(),
+        },
+        arch::Subject::Initramfs => format!("--initramfs {}", path(&config.initramfs)),
+        arch::Subject::Cmdline => "--cmdline".into(),
+        arch::Subject::Other => return VmError::Arch(source),
+    };
+    VmError::Payload { subject, source }
+}
+
 /// `KVM_MP_STATE_RUNNABLE`: the vCPU runs (rather than waiting for INIT/SIPI).
 const KVM_MP_STATE_RUNNABLE: u32 = 0;
 
@@ -129,46 +194,61 @@ impl Vm {
                 )));
             }
         }
-        let vm = hv.create_vm().map_err(hv_err("create the VM"))?;
-
+        // Everything the operator named is read and checked, and guest memory filled, before
+        // the VM is created: bad input is refused with nothing to tear down.
+        let payload = read_payload(&config)?;
         let regions = arch::layout::ram_regions(size)?;
         let memory = GuestMemoryMmap::from_ranges(&regions).map_err(|e| VmError::Memory {
             size,
             reason: e.to_string(),
         })?;
-        map_guest_memory(vm.as_ref(), &memory, size, false)?;
-
-        let image: std::borrow::Cow<'static, [u8]> = match &config.kernel {
-            Some(p) => crate::files::read_regular(p, MAX_KERNEL_BYTES)
-                .map_err(|source| VmError::Kernel {
-                    path: p.clone(),
-                    source,
-                })?
-                .into(),
-            None => guest::GUEST_ELF.into(),
-        };
-        let boot = arch::load_kernel(&memory, &image)?;
-        arch::configure_pvh(&memory, size)?;
-        arch::write_boot_gdt(&memory)?;
+        let boot = arch::load_payload(
+            &memory,
+            size,
+            &arch::Payload {
+                kernel: &payload.kernel,
+                initramfs: payload.initramfs.as_deref(),
+                cmdline: config.cmdline.as_deref(),
+            },
+        )
+        .map_err(|source| payload_error(&config, source))?;
         info!(
-            "loaded {} ({} bytes), PVH entry {:#x}",
+            "loaded {} ({} bytes), {:?} entry {:#x}{}",
             config
                 .kernel
                 .as_ref()
                 .map_or("the built-in test guest".to_string(), |p| p
                     .display()
                     .to_string()),
-            image.len(),
-            boot.entry.raw_value()
+            payload.kernel.len(),
+            boot.mode,
+            boot.entry.raw_value(),
+            boot.initramfs.map_or(String::new(), |(a, n)| format!(
+                ", initramfs of {n} bytes at {:#x}",
+                a.raw_value()
+            )),
         );
+
+        let vm = hv.create_vm().map_err(hv_err("create the VM"))?;
+        map_guest_memory(vm.as_ref(), &memory, size, false)?;
 
         let vcpus = create_vcpus(vm.as_ref(), n)?;
         let tsc_khz = vm.guest_tsc_khz();
         set_cpuids(hv.as_ref(), &vcpus, n, tsc_khz)?;
         for v in &vcpus {
             let id = v.id();
+            // A kernel starts its other CPUs itself (INIT/SIPI), so only the boot vCPU starts at
+            // the entry; the others stay as KVM made them with their CPUID and MSRs. Only an
+            // image that asks for it with Hourglass's ELF note (the built-in test guest) gets
+            // every vCPU at the entry.
+            if !boot.all_vcpus_at_entry && id != 0 {
+                if let Err(e) = v.set_msrs(&arch::boot_msrs()) {
+                    warn!("vCPU {id}: boot MSRs not set: {e}");
+                }
+                continue;
+            }
             // With an in-kernel irqchip KVM creates application processors waiting for
-            // INIT/SIPI; the PVH contract starts every vCPU at the entry, so make them runnable.
+            // INIT/SIPI; an image started on every vCPU needs them runnable.
             let mut st = v
                 .state()
                 .map_err(hv_err(format!("read vCPU {id}'s state")))?;
@@ -183,9 +263,9 @@ impl Vm {
             let sregs = v
                 .sregs()
                 .map_err(hv_err(format!("read vCPU {id}'s special registers")))?;
-            v.set_sregs(&arch::pvh_boot_sregs(&sregs))
+            v.set_sregs(&arch::boot_sregs(boot.mode, &sregs))
                 .map_err(hv_err(format!("set vCPU {id}'s special registers")))?;
-            v.set_regs(&arch::pvh_boot_regs(boot.entry))
+            v.set_regs(&arch::boot_regs(boot.mode, boot.entry))
                 .map_err(hv_err(format!("set vCPU {id}'s registers")))?;
         }
 
@@ -282,5 +362,22 @@ impl Vm {
             restored_from: None,
             restored_vcpus: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arch::x86_64::loader::{has_note, HOURGLASS_NOTE_ALL_VCPUS_AT_ENTRY, HOURGLASS_NOTE_NAME};
+
+    #[test]
+    fn the_built_in_guest_asks_for_every_vcpu_at_its_entry() {
+        // Its vCPUs pick their roles from their APIC IDs at the entry; without the note only
+        // vCPU 0 would start and the guest would wait for the others forever.
+        assert!(has_note(
+            guest::GUEST_ELF,
+            HOURGLASS_NOTE_NAME,
+            HOURGLASS_NOTE_ALL_VCPUS_AT_ENTRY
+        ));
+        assert!(has_note(guest::GUEST_ELF, b"Xen\0", 18));
     }
 }

@@ -19,6 +19,16 @@
 	.balign 4
 	.long pvh_start32
 	.balign 4
+	/* Hourglass note type 1: start every vCPU at the PVH entry at once (each picks its
+	 * role from its APIC ID below). Without it Hourglass starts only vCPU 0 there, as a
+	 * kernel that brings up its own CPUs expects. */
+	.long 10                /* namesz: "Hourglass\0" */
+	.long 4                 /* descsz */
+	.long 1                 /* all vCPUs at the entry */
+	.asciz "Hourglass"
+	.balign 4
+	.long 1
+	.balign 4
 	.popsection
 
 	.section .text.entry, "ax"
