@@ -259,6 +259,12 @@ sed -e 's/#.*//' -e 's/[[:space:]]*$//' "$ROOT/scripts/nested/carry.list" | whil
     mkdir -p "$S$(dirname "$ROOT/$p")"
     cp -a "$ROOT/$p" "$S$ROOT/$p"
 done
+# The Linux-guest tests (nested_linux_*) boot Debian's kernel inside: both forms, where they run.
+if grep -q 'nested_linux_' "$N/tests.tsv"; then
+    mkdir -p "$S/opt/hourglass-linux"
+    cp "$KD/vmlinuz" "$S/opt/hourglass-linux/vmlinuz"
+    [ ! -f "$KD/vmlinux" ] || cp "$KD/vmlinux" "$S/opt/hourglass-linux/vmlinux"
+fi
 (cd "$S" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 >"$N/initrd.gz"
 log "initramfs: $(du -sm "$S" | cut -f1) MiB unpacked, $(du -m "$N/initrd.gz" | cut -f1) MiB gzipped"
 

@@ -1,0 +1,160 @@
+//! A Linux guest for the tests: where Debian's kernel is, and an initramfs built here, byte by
+//! byte, whose `/init` is a 57-byte static program (no toolchain needed where the test runs).
+//!
+//! `/init` writes `HOURGLASS-LINUX-INIT` to its standard output (the console) and exits with
+//! status 7. Linux answers an exiting init with `Kernel panic - not syncing: Attempted to kill
+//! init! exitcode=0x00000700`, printed on the serial console by the kernel itself: proof that
+//! the kernel booted, unpacked the initramfs and ran our `/init`, whatever state the console's
+//! interrupt is in. With `panic=0` the kernel then waits forever.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// The line the kernel prints when it starts `/init`.
+pub const RUN_INIT: &str = "Run /init as init process";
+/// What the kernel prints when our `/init` has exited with status 7.
+pub const INIT_EXITED: &str = "exitcode=0x00000700";
+/// What `/init` itself writes.
+pub const INIT_SAYS: &str = "HOURGLASS-LINUX-INIT";
+
+/// `/init`'s code, loaded at [`INIT_LOAD`] + [`INIT_CODE_OFFSET`]:
+///
+/// ```text
+///     mov $1,%edi ; lea msg(%rip),%rsi ; mov $21,%edx ; mov $1,%eax ; syscall   # write(1, msg, 21)
+///     mov $7,%edi ; mov $60,%eax ; syscall                                      # exit(7)
+/// msg: .ascii "HOURGLASS-LINUX-INIT\n"
+/// ```
+const INIT_CODE: [u8; 57] = [
+    0xbf, 0x01, 0x00, 0x00, 0x00, 0x48, 0x8d, 0x35, 0x18, 0x00, 0x00, 0x00, 0xba, 0x15, 0x00, 0x00,
+    0x00, 0xb8, 0x01, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xbf, 0x07, 0x00, 0x00, 0x00, 0xb8, 0x3c, 0x00,
+    0x00, 0x00, 0x0f, 0x05, 0x48, 0x4f, 0x55, 0x52, 0x47, 0x4c, 0x41, 0x53, 0x53, 0x2d, 0x4c, 0x49,
+    0x4e, 0x55, 0x58, 0x2d, 0x49, 0x4e, 0x49, 0x54, 0x0a,
+];
+/// Where `/init` is mapped.
+const INIT_LOAD: u64 = 0x40_0000;
+/// The code follows the ELF header and the one program header.
+const INIT_CODE_OFFSET: u64 = 64 + 56;
+
+/// `/init`: an ELF64 executable, one read+execute PT_LOAD of the whole file at [`INIT_LOAD`].
+pub fn init_elf() -> Vec<u8> {
+    let mut v = vec![0u8; INIT_CODE_OFFSET as usize];
+    let put = |v: &mut Vec<u8>, at: usize, b: &[u8]| v[at..at + b.len()].copy_from_slice(b);
+    put(&mut v, 0, b"\x7fELF\x02\x01\x01");
+    put(&mut v, 16, &2u16.to_le_bytes()); // ET_EXEC
+    put(&mut v, 18, &62u16.to_le_bytes()); // EM_X86_64
+    put(&mut v, 20, &1u32.to_le_bytes());
+    put(&mut v, 24, &(INIT_LOAD + INIT_CODE_OFFSET).to_le_bytes()); // e_entry
+    put(&mut v, 32, &64u64.to_le_bytes()); // e_phoff
+    put(&mut v, 52, &64u16.to_le_bytes()); // e_ehsize
+    put(&mut v, 54, &56u16.to_le_bytes()); // e_phentsize
+    put(&mut v, 56, &1u16.to_le_bytes()); // e_phnum
+    let len = INIT_CODE_OFFSET + INIT_CODE.len() as u64;
+    put(&mut v, 64, &1u32.to_le_bytes()); // PT_LOAD
+    put(&mut v, 68, &5u32.to_le_bytes()); // R+X
+    put(&mut v, 72, &0u64.to_le_bytes()); // p_offset
+    put(&mut v, 80, &INIT_LOAD.to_le_bytes()); // p_vaddr
+    put(&mut v, 88, &INIT_LOAD.to_le_bytes()); // p_paddr
+    put(&mut v, 96, &len.to_le_bytes()); // p_filesz
+    put(&mut v, 104, &len.to_le_bytes()); // p_memsz
+    put(&mut v, 112, &0x1000u64.to_le_bytes()); // p_align
+    v.extend_from_slice(&INIT_CODE);
+    v
+}
+
+/// One entry of a newc ("070701") cpio archive.
+fn newc_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+    let fields = [
+        ino,
+        mode,
+        0, // uid
+        0, // gid
+        1, // nlink
+        0, // mtime
+        data.len() as u32,
+        0, // devmajor
+        0, // devminor
+        rdev.0,
+        rdev.1,
+        name.len() as u32 + 1,
+        0, // check
+    ];
+    out.extend_from_slice(b"070701");
+    for f in fields {
+        out.extend_from_slice(format!("{f:08x}").as_bytes());
+    }
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+    out.extend_from_slice(data);
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+}
+
+/// The initramfs: `/dev`, `/dev/console` (char 5:1, so that `/init` has a console) and `/init`.
+pub fn initramfs() -> Vec<u8> {
+    let mut out = Vec::new();
+    newc_entry(&mut out, 1, "dev", 0o040_755, (0, 0), &[]);
+    newc_entry(&mut out, 2, "dev/console", 0o020_600, (5, 1), &[]);
+    newc_entry(&mut out, 3, "init", 0o100_755, (0, 0), &init_elf());
+    newc_entry(&mut out, 0, "TRAILER!!!", 0, (0, 0), &[]);
+    out
+}
+
+/// Where `scripts/nested-kvm.sh` puts Debian's kernel inside the nested host, both forms:
+/// `vmlinuz` (the bzImage) and, where it could be extracted, `vmlinux` (the PVH ELF).
+pub const NESTED_KERNEL_DIR: &str = "/opt/hourglass-linux";
+
+/// Debian's kernel of the form `name` (`vmlinuz` or `vmlinux`): in the nested host at
+/// [`NESTED_KERNEL_DIR`]; elsewhere in the cache `scripts/nested-kvm.sh` fills
+/// (`target/nested/kernel/<package>/`), if a run has filled it.
+pub fn debian_kernel(name: &str) -> Option<PathBuf> {
+    let nested = Path::new(NESTED_KERNEL_DIR).join(name);
+    if nested.is_file() {
+        return Some(nested);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cache = root.join("target/nested/kernel");
+    let current = std::fs::read_to_string(cache.join("current")).ok()?;
+    let p = cache.join(current.trim()).join(name);
+    p.is_file().then_some(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_initramfs_is_well_formed_newc() {
+        let a = initramfs();
+        assert_eq!(a.len() % 4, 0);
+        // Walk it as a reader would: magic, sizes, names, 4-byte alignment, the trailer last.
+        let mut at = 0;
+        let mut names = Vec::new();
+        loop {
+            assert_eq!(&a[at..at + 6], b"070701", "magic at {at}");
+            let field = |i: usize| {
+                let s = std::str::from_utf8(&a[at + 6 + i * 8..at + 14 + i * 8]).unwrap();
+                usize::from_str_radix(s, 16).unwrap()
+            };
+            let (mode, size, namesize) = (field(1), field(6), field(11));
+            let name = std::str::from_utf8(&a[at + 110..at + 110 + namesize - 1]).unwrap();
+            assert_eq!(a[at + 110 + namesize - 1], 0);
+            names.push((name.to_string(), mode, size));
+            at = (at + 110 + namesize).next_multiple_of(4);
+            at = (at + size).next_multiple_of(4);
+            if name == "TRAILER!!!" {
+                break;
+            }
+        }
+        assert_eq!(at, a.len());
+        let init = names.iter().find(|n| n.0 == "init").unwrap();
+        assert_eq!((init.1, init.2), (0o100_755, init_elf().len()));
+        assert!(names
+            .iter()
+            .any(|n| n.0 == "dev/console" && n.1 == 0o020_600));
+    }
+}
