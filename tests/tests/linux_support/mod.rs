@@ -85,11 +85,11 @@ fn newc_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u3
     }
     out.extend_from_slice(name.as_bytes());
     out.push(0);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
     out.extend_from_slice(data);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -130,7 +130,7 @@ mod tests {
     #[test]
     fn the_initramfs_is_well_formed_newc() {
         let a = initramfs();
-        assert_eq!(a.len() % 4, 0);
+        assert!(a.len().is_multiple_of(4));
         // Walk it as a reader would: magic, sizes, names, 4-byte alignment, the trailer last.
         let mut at = 0;
         let mut names = Vec::new();
