@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial as Uart, Trigger};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{BusAction, PioDevice};
 
@@ -97,20 +98,36 @@ impl From<&SerialDeviceState> for SerialState {
     }
 }
 
-/// An interrupt line that goes nowhere (the guest polls).
+/// The UART's interrupt line: an eventfd the hypervisor turns into an edge on the UART's IRQ
+/// (registered with `Vm::register_irqfd`), or nothing (a guest that polls, unit tests).
 #[derive(Debug, Default)]
-pub struct NoIrq;
+pub struct IrqLine(Option<std::sync::Arc<EventFd>>);
 
-impl Trigger for NoIrq {
-    type E = std::convert::Infallible;
+impl IrqLine {
+    /// A line that raises an interrupt by writing `fd`.
+    pub fn new(fd: std::sync::Arc<EventFd>) -> Self {
+        Self(Some(fd))
+    }
+
+    /// A line that goes nowhere.
+    pub fn none() -> Self {
+        Self(None)
+    }
+}
+
+impl Trigger for IrqLine {
+    type E = std::io::Error;
     fn trigger(&self) -> Result<(), Self::E> {
-        Ok(())
+        match &self.0 {
+            Some(fd) => fd.write(1),
+            None => Ok(()),
+        }
     }
 }
 
 /// A 16550 UART on the port-I/O bus.
 pub struct Serial {
-    uart: Uart<NoIrq, NoEvents, Box<dyn Write + Send>>,
+    uart: Uart<IrqLine, NoEvents, Box<dyn Write + Send>>,
 }
 
 impl std::fmt::Debug for Serial {
@@ -139,24 +156,25 @@ fn open_output(output: &SerialOutput) -> Result<Box<dyn Write + Send>, SerialErr
 }
 
 impl Serial {
-    /// A UART in its reset state writing to `output`.
-    pub fn new(output: &SerialOutput) -> Result<Self, SerialError> {
-        Ok(Self::with_writer(open_output(output)?))
+    /// A UART in its reset state writing to `output`, interrupting through `irq`.
+    pub fn new(output: &SerialOutput, irq: IrqLine) -> Result<Self, SerialError> {
+        Ok(Self::with_writer(open_output(output)?, irq))
     }
 
     /// A UART in its reset state writing to `out`.
-    pub fn with_writer(out: Box<dyn Write + Send>) -> Self {
+    pub fn with_writer(out: Box<dyn Write + Send>, irq: IrqLine) -> Self {
         Self {
-            uart: Uart::new(NoIrq, out),
+            uart: Uart::new(irq, out),
         }
     }
 
-    /// A UART restored from `state`, writing to `output`.
+    /// A UART restored from `state`, writing to `output`, interrupting through `irq`.
     pub fn from_state(
         state: &SerialDeviceState,
         output: &SerialOutput,
+        irq: IrqLine,
     ) -> Result<Self, SerialError> {
-        let uart = Uart::from_state(&state.into(), NoIrq, NoEvents, open_output(output)?)
+        let uart = Uart::from_state(&state.into(), irq, NoEvents, open_output(output)?)
             .map_err(|e| SerialError::State(format!("{e:?}")))?;
         Ok(Self { uart })
     }
@@ -205,7 +223,7 @@ mod tests {
     #[test]
     fn bytes_written_to_thr_reach_the_output() {
         let out = Shared::default();
-        let mut s = Serial::with_writer(Box::new(out.clone()));
+        let mut s = Serial::with_writer(Box::new(out.clone()), IrqLine::none());
         for b in b"hb 1\n" {
             s.write(0, &[*b]);
         }
@@ -221,7 +239,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("hg-serial-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("serial.log");
-        let mut s = Serial::new(&SerialOutput::File(path.clone())).unwrap();
+        let mut s = Serial::new(&SerialOutput::File(path.clone()), IrqLine::none()).unwrap();
         s.write(7, &[0x5a]); // scratch register
         for b in b"hello\n" {
             s.write(0, &[*b]);
@@ -231,7 +249,7 @@ mod tests {
         assert_eq!(st.scratch, 0x5a);
         let json = serde_json::to_string(&st).unwrap();
         let back: SerialDeviceState = serde_json::from_str(&json).unwrap();
-        let mut r = Serial::from_state(&back, &SerialOutput::Off).unwrap();
+        let mut r = Serial::from_state(&back, &SerialOutput::Off, IrqLine::none()).unwrap();
         let mut d = [0u8];
         r.read(7, &mut d);
         assert_eq!(d, [0x5a]);
@@ -239,13 +257,42 @@ mod tests {
             in_buffer: vec![0; 100_000],
             ..Default::default()
         };
-        assert!(Serial::from_state(&bad, &SerialOutput::Off).is_err());
+        assert!(Serial::from_state(&bad, &SerialOutput::Off, IrqLine::none()).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn unopenable_file_is_an_error_naming_it() {
-        let e = Serial::new(&SerialOutput::File("/nonexistent-dir/x/serial".into())).unwrap_err();
+        let e = Serial::new(
+            &SerialOutput::File("/nonexistent-dir/x/serial".into()),
+            IrqLine::none(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("/nonexistent-dir/x/serial"));
+    }
+
+    #[test]
+    fn the_interrupt_line_fires_when_the_guest_enables_it() {
+        let fd = std::sync::Arc::new(EventFd::new(libc_nonblock()).unwrap());
+        let mut s = Serial::with_writer(Box::new(std::io::sink()), IrqLine::new(fd.clone()));
+        // Interrupts off (IER 0): a byte goes out, no interrupt.
+        s.write(0, b"x");
+        assert!(fd.read().is_err(), "no interrupt while IER is 0");
+        // THR-empty interrupt on: the transmitter is empty, so the line fires at once...
+        s.write(1, &[0x02]);
+        assert!(fd.read().unwrap() >= 1);
+        // Not again while the guest has not acknowledged it (read IIR)...
+        s.write(0, b"y");
+        assert!(fd.read().is_err(), "no second edge before the IIR read");
+        let mut iir = [0u8];
+        s.read(2, &mut iir);
+        assert_eq!(iir[0] & 0x0f, 0x02, "IIR: THR empty");
+        // ...and again after the next byte sent.
+        s.write(0, b"z");
+        assert!(fd.read().unwrap() >= 1);
+    }
+
+    fn libc_nonblock() -> i32 {
+        vmm_sys_util::eventfd::EFD_NONBLOCK
     }
 }

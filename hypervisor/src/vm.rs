@@ -4,6 +4,7 @@ use crate::caps::TscCapabilities;
 use crate::cpu::Vcpu;
 use crate::error::HypervisorError;
 use crate::tsc::{Capture, ClockPolicy, ClockReport, ThawOrigin, TscSnapshot, VcpuTscReading};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Guest time across a freeze and a thaw, with one VM-wide TSC offset.
 ///
@@ -58,4 +59,8 @@ pub trait Vm: TscState + Send + Sync {
     ) -> Result<(), HypervisorError>;
     /// The dirty-page bitmap of a slot (one bit per 4 KiB page), reset by the read.
     fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, HypervisorError>;
+    /// Raise interrupt `gsi` (an edge: asserted, then released) each time `fd` is written,
+    /// without a VM exit or a VMM thread in between (KVM_IRQFD). With the in-kernel irqchip's
+    /// default routing, GSI `n` < 16 is ISA IRQ `n` on the PIC and IOAPIC pin `n`.
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), HypervisorError>;
 }

@@ -669,3 +669,25 @@ fn many_thaws_between_guest_samples_keep_kvmclock_on_the_tsc() {
         "after {THAWS} thaws kvmclock moved {diff} ns more than the TSC says (bound 1000 ns)"
     );
 }
+
+/// KVM lists the TSC-deadline timer by capability, not in KVM_GET_SUPPORTED_CPUID; the backend's
+/// supported CPUID carries it where the capability is present (a kernel needs it to use its
+/// LAPIC timer without a PIT).
+#[test]
+fn supported_cpuid_has_the_tsc_deadline_timer_kvm_emulates() {
+    let Some(hv) = kvm_or_skip() else { return };
+    let cap = kvm_ioctls::Kvm::new()
+        .expect("open /dev/kvm")
+        .check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    let cpuid = hv.supported_cpuid().expect("supported CPUID");
+    let leaf1 = cpuid
+        .iter()
+        .find(|e| e.function == 1 && e.index == 0)
+        .expect("leaf 1");
+    assert_eq!(
+        leaf1.ecx & hypervisor::kvm::CPUID_1_ECX_TSC_DEADLINE != 0,
+        cap,
+        "leaf 1 ECX {:#x}, KVM_CAP_TSC_DEADLINE_TIMER {cap}",
+        leaf1.ecx
+    );
+}

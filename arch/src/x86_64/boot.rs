@@ -131,8 +131,14 @@ fn low_ram_top(mem_size: u64) -> u64 {
 }
 
 /// Check `payload` against the boot protocol and guest memory of `mem_size` bytes, load it into
-/// `mem` and write the boot structures (GDT, PVH start info or `boot_params` with page tables).
-pub fn load_payload(mem: &GuestMemoryMmap, mem_size: u64, payload: &Payload) -> Result<Loaded> {
+/// `mem` and write the boot structures (GDT, PVH start info or `boot_params` with page tables)
+/// and the MP tables describing `vcpus` vCPUs.
+pub fn load_payload(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    vcpus: u32,
+    payload: &Payload,
+) -> Result<Loaded> {
     let format = kernel_format(payload.kernel)?;
     let (cmdline_max, why) = match &format {
         KernelFormat::Elf => (
@@ -225,6 +231,7 @@ pub fn load_payload(mem: &GuestMemoryMmap, mem_size: u64, payload: &Payload) -> 
     };
 
     super::regs::write_gdt(mem, mode)?;
+    super::mptable::write(mem, vcpus)?;
     match hdr {
         None => loader::configure_pvh(
             mem,
@@ -284,6 +291,7 @@ mod tests {
         let e = load_payload(
             &mem(64 << 20),
             64 << 20,
+            1,
             &Payload {
                 kernel: &loader::tests_support::tiny_elf(false),
                 ..Default::default()
@@ -301,6 +309,7 @@ mod tests {
         let l = load_payload(
             &m,
             size,
+            1,
             &Payload {
                 kernel: &guest_elf(),
                 initramfs: Some(&initrd),
@@ -333,6 +342,7 @@ mod tests {
         let l = load_payload(
             &m,
             size,
+            1,
             &Payload {
                 kernel: &img,
                 initramfs: Some(&[1, 2, 3]),
@@ -363,6 +373,7 @@ mod tests {
         let e = load_payload(
             &mem(size),
             size,
+            1,
             &Payload {
                 kernel: &guest_elf(),
                 cmdline: Some(&long),
@@ -386,6 +397,7 @@ mod tests {
         load_payload(
             &mem(size),
             size,
+            1,
             &Payload {
                 kernel: &guest_elf(),
                 cmdline: Some(&ok),
@@ -398,6 +410,7 @@ mod tests {
         let e = load_payload(
             &mem(size),
             size,
+            1,
             &Payload {
                 kernel: &img,
                 cmdline: Some(&"y".repeat(101)),
@@ -420,6 +433,7 @@ mod tests {
         let e = load_payload(
             &mem(size),
             size,
+            1,
             &Payload {
                 kernel: &guest_elf(),
                 initramfs: Some(&big),
@@ -433,6 +447,7 @@ mod tests {
             load_payload(
                 &mem(size),
                 size,
+                1,
                 &Payload {
                     kernel: &guest_elf(),
                     initramfs: Some(&[]),
@@ -462,6 +477,7 @@ mod tests {
         let e = load_payload(
             &mem(size),
             size,
+            1,
             &Payload {
                 kernel: &img,
                 ..Default::default()
@@ -478,6 +494,7 @@ mod tests {
         let l = load_payload(
             &m,
             size,
+            1,
             &Payload {
                 kernel: &guest_elf(),
                 initramfs: Some(&[7; 100]),

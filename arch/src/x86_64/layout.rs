@@ -11,6 +11,7 @@
 //!   0xfff0     Linux boot stack pointer (bzImage; grows down into 0xf000)
 //!   0x2_0000   kernel command line (NUL-terminated, at most 64 KiB)
 //!   0x9_fc00   end of low RAM in the memory map (EBDA above, reserved)
+//!   0xf_0000   MP tables (floating pointer, then the configuration table; reserved)
 //! 0x0010_0000  guest image (ELF segments at their physical addresses, normally 1 MiB; a
 //!              bzImage's protected-mode code at its code32_start, 1 MiB)
 //!   ...        RAM up to min(size, 3 GiB); the initramfs at the top of it, page aligned
@@ -48,6 +49,8 @@ pub const BOOT_STACK_POINTER: GuestAddress = GuestAddress(0xfff0);
 pub const CMDLINE_START: GuestAddress = GuestAddress(0x2_0000);
 /// The room for the command line, its terminating NUL included.
 pub const CMDLINE_MAX_SIZE: u64 = 0x1_0000;
+/// Where the MP tables go: the BIOS area a kernel scans for the floating pointer.
+pub const MPTABLE_START: GuestAddress = GuestAddress(0xf_0000);
 /// End of usable low RAM (the EBDA and the legacy ROM area sit above it).
 pub const LOW_RAM_END: u64 = 0x9_fc00;
 /// Where guest images are loaded (ELF images give their own physical addresses; they must be at
@@ -75,6 +78,7 @@ const _: () = {
     assert!(CMDLINE_START.0 + CMDLINE_MAX_SIZE <= LOW_RAM_END);
     assert!(MEMMAP_START.0 + (MEMMAP_MAX_ENTRIES as u64) * 24 <= LOW_RAM_END);
     assert!(LOW_RAM_END <= HIGH_RAM_START.0);
+    assert!(LOW_RAM_END <= MPTABLE_START.0 && MPTABLE_START.0 < HIGH_RAM_START.0);
 };
 
 /// The RAM regions `(start, size)` for a guest of `size` bytes: one region below the 32-bit hole

@@ -5,5 +5,6 @@ pub mod cpuid;
 pub mod layout;
 pub mod linux;
 pub mod loader;
+pub mod mptable;
 pub mod msr;
 pub mod regs;

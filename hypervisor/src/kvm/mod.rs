@@ -172,10 +172,26 @@ impl Hypervisor for KvmHypervisor {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| HypervisorError::ioctl("KVM_GET_SUPPORTED_CPUID", e.errno()))?;
-        Ok(c.as_slice()
+        let mut entries: Vec<CpuIdEntry> = c
+            .as_slice()
             .iter()
             .map(x86_64::convert::cpuid_from_kvm)
-            .collect())
+            .collect();
+        // KVM reports some features by capability and not in this list (its API document:
+        // the TSC-deadline timer is emulated by the in-kernel LAPIC whatever the host CPU
+        // has). Without it a kernel calibrates its LAPIC timer against a PIT this VM lacks.
+        let by_capability = [(
+            self.kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+            CPUID_1_ECX_TSC_DEADLINE,
+        )];
+        if let Some(leaf1) = entries.iter_mut().find(|e| e.function == 1 && e.index == 0) {
+            for (present, bit) in by_capability {
+                if present {
+                    leaf1.ecx |= bit;
+                }
+            }
+        }
+        Ok(entries)
     }
 
     fn msr_index_list(&self) -> Result<Vec<u32>, HypervisorError> {
@@ -186,6 +202,9 @@ impl Hypervisor for KvmHypervisor {
         Ok(l.as_slice().to_vec())
     }
 }
+
+/// CPUID leaf 1 ECX: the LAPIC timer has the TSC-deadline mode.
+pub const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 
 #[cfg(test)]
 mod tests {

@@ -123,4 +123,14 @@ impl Vm for KvmVm {
             .get_dirty_log(slot, size)
             .map_err(|e| HypervisorError::ioctl("KVM_GET_DIRTY_LOG", e.errno()))
     }
+
+    fn register_irqfd(
+        &self,
+        fd: &vmm_sys_util::eventfd::EventFd,
+        gsi: u32,
+    ) -> Result<(), HypervisorError> {
+        self.fd
+            .register_irqfd(fd, gsi)
+            .map_err(|e| HypervisorError::ioctl("KVM_IRQFD", e.errno()))
+    }
 }

@@ -262,6 +262,16 @@ impl Vm for MshvVm {
             "mshv: dirty logging is not implemented".into(),
         ))
     }
+
+    fn register_irqfd(
+        &self,
+        _fd: &vmm_sys_util::eventfd::EventFd,
+        _gsi: u32,
+    ) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Unsupported(
+            "mshv: interrupt routing is not implemented".into(),
+        ))
+    }
 }
 
 /// MSHV has no `immediate_exit`: the flag is checked before each run; a signal breaks a run

@@ -365,42 +365,51 @@ fn state_get_ioctls() -> KindRules {
     ])
 }
 
-/// Everything that creates a VM and puts state into it (boot, restore, a received migration).
+/// `KVM_IRQFD`: `_IOW(KVMIO, 0x76, struct kvm_irqfd)` (kvm-ioctls keeps its number private).
+pub const KVM_IRQFD: u64 = (1 << 30)
+    | ((std::mem::size_of::<kvm_bindings::kvm_irqfd>() as u64) << 16)
+    | (0xae << 8)
+    | 0x76;
+
+/// Everything that creates a VM and puts state into it (boot, restore, a received migration):
+/// and wires the devices' interrupts (`KVM_IRQFD`).
 fn create_ioctls() -> KindRules {
-    KindRules::default().io(ioctl_list![
-        KVM_GET_API_VERSION,
-        KVM_CREATE_VM,
-        KVM_GET_MSR_INDEX_LIST,
-        KVM_GET_MSR_FEATURE_INDEX_LIST,
-        KVM_CHECK_EXTENSION,
-        KVM_GET_VCPU_MMAP_SIZE,
-        KVM_GET_SUPPORTED_CPUID,
-        KVM_CREATE_VCPU,
-        KVM_SET_USER_MEMORY_REGION,
-        KVM_SET_TSS_ADDR,
-        KVM_SET_IDENTITY_MAP_ADDR,
-        KVM_CREATE_IRQCHIP,
-        KVM_ENABLE_CAP,
-        KVM_SET_CPUID2,
-        KVM_SET_REGS,
-        KVM_SET_SREGS,
-        KVM_SET_MSRS,
-        KVM_SET_LAPIC,
-        KVM_SET_MP_STATE,
-        KVM_SET_VCPU_EVENTS,
-        KVM_SET_XSAVE,
-        KVM_SET_XCRS,
-        KVM_SET_NESTED_STATE,
-        KVM_SET_TSC_KHZ,
-        KVM_GET_TSC_KHZ,
-        KVM_GET_CLOCK,
-        KVM_SET_CLOCK,
-        KVM_KVMCLOCK_CTRL,
-        KVM_HAS_DEVICE_ATTR,
-        KVM_GET_DEVICE_ATTR,
-        KVM_SET_DEVICE_ATTR,
-        KVM_GET_MSRS,
-    ])
+    KindRules::default()
+        .io(&[("KVM_IRQFD", KVM_IRQFD)])
+        .io(ioctl_list![
+            KVM_GET_API_VERSION,
+            KVM_CREATE_VM,
+            KVM_GET_MSR_INDEX_LIST,
+            KVM_GET_MSR_FEATURE_INDEX_LIST,
+            KVM_CHECK_EXTENSION,
+            KVM_GET_VCPU_MMAP_SIZE,
+            KVM_GET_SUPPORTED_CPUID,
+            KVM_CREATE_VCPU,
+            KVM_SET_USER_MEMORY_REGION,
+            KVM_SET_TSS_ADDR,
+            KVM_SET_IDENTITY_MAP_ADDR,
+            KVM_CREATE_IRQCHIP,
+            KVM_ENABLE_CAP,
+            KVM_SET_CPUID2,
+            KVM_SET_REGS,
+            KVM_SET_SREGS,
+            KVM_SET_MSRS,
+            KVM_SET_LAPIC,
+            KVM_SET_MP_STATE,
+            KVM_SET_VCPU_EVENTS,
+            KVM_SET_XSAVE,
+            KVM_SET_XCRS,
+            KVM_SET_NESTED_STATE,
+            KVM_SET_TSC_KHZ,
+            KVM_GET_TSC_KHZ,
+            KVM_GET_CLOCK,
+            KVM_SET_CLOCK,
+            KVM_KVMCLOCK_CTRL,
+            KVM_HAS_DEVICE_ATTR,
+            KVM_GET_DEVICE_ATTR,
+            KVM_SET_DEVICE_ATTR,
+            KVM_GET_MSRS,
+        ])
 }
 
 /// The migration sender: pre-copy with dirty logging (which pages hold data: `mincore` and

@@ -78,6 +78,8 @@ fn ioctls_are_matched_on_the_request() {
     let create = kvm_ioctls::KVM_CREATE_VM() as u64;
     assert!(!v.ioctls.iter().any(|&(_, nr)| nr == create));
     assert!(v.ioctls.iter().any(|&(_, nr)| nr == 0xae80));
+    // KVM_IRQFD as <linux/kvm.h> numbers it, allowed where VMs are assembled.
+    assert_eq!(super::rules::KVM_IRQFD, 0x4020_ae76);
     // KVM_GET_REGS: the rip in the report of an internal-error exit.
     assert!(v.ioctls.iter().any(|&(_, nr)| nr == 0x8090_ae81));
     // Every filter compiles.

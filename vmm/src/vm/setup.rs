@@ -205,6 +205,7 @@ impl Vm {
         let boot = arch::load_payload(
             &memory,
             size,
+            n,
             &arch::Payload {
                 kernel: &payload.kernel,
                 initramfs: payload.initramfs.as_deref(),
@@ -302,6 +303,7 @@ impl Vm {
         let n = config.cpus.boot_vcpus;
         let size = config.memory.size;
         let bus = devices.bus()?;
+        devices.connect(vm.as_ref())?;
 
         let caps = vm.tsc_capabilities();
         let mut warnings = Vec::new();
