@@ -188,6 +188,125 @@ impl From<VcpuState> for RawVcpuState {
     }
 }
 
+/// Version of the [`IrqchipState`] format written by this build.
+pub const IRQCHIP_STATE_VERSION: u32 = 1;
+
+/// Size of one interrupt controller's saved state (KVM's `kvm_irqchip` payload).
+pub const IRQCHIP_SIZE: usize = 512;
+
+/// The VM-wide interrupt controllers of the in-kernel irqchip, in KVM's chip order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IrqChip {
+    /// The master 8259 PIC (ISA IRQs 0-7).
+    PicMaster = 0,
+    /// The slave 8259 PIC (ISA IRQs 8-15).
+    PicSlave = 1,
+    /// The IOAPIC (24 pins).
+    Ioapic = 2,
+}
+
+impl IrqChip {
+    /// Every chip, in KVM's order.
+    pub const ALL: [IrqChip; 3] = [IrqChip::PicMaster, IrqChip::PicSlave, IrqChip::Ioapic];
+
+    fn field(self) -> &'static str {
+        match self {
+            IrqChip::PicMaster => "pic_master",
+            IrqChip::PicSlave => "pic_slave",
+            IrqChip::Ioapic => "ioapic",
+        }
+    }
+}
+
+/// The saved state of the VM-wide interrupt controllers (the per-vCPU local APICs travel in
+/// each [`VcpuState`]): which pins are masked, their vectors and trigger modes, what is
+/// pending. A guest that routes an interrupt through the IOAPIC (a kernel's serial driver)
+/// loses it after a restore without this. Each chip's bytes are exactly [`IRQCHIP_SIZE`] long:
+/// the type cannot hold another length.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawIrqchipState", into = "RawIrqchipState")]
+pub struct IrqchipState {
+    chips: [Box<[u8; IRQCHIP_SIZE]>; 3],
+}
+
+impl IrqchipState {
+    /// The state from each chip's bytes, in [`IrqChip::ALL`] order.
+    pub fn new(chips: [[u8; IRQCHIP_SIZE]; 3]) -> Self {
+        Self {
+            chips: chips.map(Box::new),
+        }
+    }
+
+    /// One chip's bytes.
+    pub fn chip(&self, chip: IrqChip) -> &[u8; IRQCHIP_SIZE] {
+        &self.chips[chip as usize]
+    }
+}
+
+/// The stored form of an [`IrqchipState`]: plain fields, no checks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawIrqchipState {
+    pub version: u32,
+    pub pic_master: Vec<u8>,
+    pub pic_slave: Vec<u8>,
+    pub ioapic: Vec<u8>,
+}
+
+/// A saved irqchip state that cannot be used; names the field.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum IrqchipStateError {
+    /// Unknown format version.
+    #[error("irqchip.version: unsupported version {0} (this build reads {IRQCHIP_STATE_VERSION})")]
+    Version(u32),
+    /// A chip's bytes have the wrong length.
+    #[error("irqchip.{field}: expected {IRQCHIP_SIZE} bytes, got {got}")]
+    Size {
+        /// The chip.
+        field: &'static str,
+        /// The length found.
+        got: usize,
+    },
+}
+
+impl TryFrom<RawIrqchipState> for IrqchipState {
+    type Error = IrqchipStateError;
+    fn try_from(r: RawIrqchipState) -> Result<Self, Self::Error> {
+        if r.version != IRQCHIP_STATE_VERSION {
+            return Err(IrqchipStateError::Version(r.version));
+        }
+        let one = |chip: IrqChip, v: Vec<u8>| -> Result<Box<[u8; IRQCHIP_SIZE]>, Self::Error> {
+            let got = v.len();
+            v.into_boxed_slice()
+                .try_into()
+                .map_err(|_| IrqchipStateError::Size {
+                    field: chip.field(),
+                    got,
+                })
+        };
+        Ok(IrqchipState {
+            chips: [
+                one(IrqChip::PicMaster, r.pic_master)?,
+                one(IrqChip::PicSlave, r.pic_slave)?,
+                one(IrqChip::Ioapic, r.ioapic)?,
+            ],
+        })
+    }
+}
+
+impl From<IrqchipState> for RawIrqchipState {
+    fn from(s: IrqchipState) -> Self {
+        let [m, sl, io] = s.chips;
+        RawIrqchipState {
+            version: IRQCHIP_STATE_VERSION,
+            pic_master: m.to_vec(),
+            pic_slave: sl.to_vec(),
+            ioapic: io.to_vec(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,5 +367,29 @@ mod tests {
 
         assert!(VcpuState::from_json("{").is_err());
         assert!(VcpuState::from_json("[]").is_err());
+    }
+
+    #[test]
+    fn irqchip_state_round_trips_and_refuses_other_lengths() {
+        let mut chips = [[0u8; IRQCHIP_SIZE]; 3];
+        chips[2][0] = 0x11;
+        chips[0][511] = 7;
+        let s = IrqchipState::new(chips);
+        let json = serde_json::to_string(&s).unwrap();
+        let back: IrqchipState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.chip(IrqChip::Ioapic)[0], 0x11);
+        assert_eq!(back.chip(IrqChip::PicMaster)[511], 7);
+
+        let mut raw: RawIrqchipState = s.clone().into();
+        raw.ioapic.pop();
+        let e = IrqchipState::try_from(raw).unwrap_err();
+        assert_eq!(e.to_string(), "irqchip.ioapic: expected 512 bytes, got 511");
+        let mut raw: RawIrqchipState = s.into();
+        raw.version = 9;
+        assert!(matches!(
+            IrqchipState::try_from(raw),
+            Err(IrqchipStateError::Version(9))
+        ));
     }
 }

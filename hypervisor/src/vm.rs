@@ -3,6 +3,7 @@
 use crate::caps::TscCapabilities;
 use crate::cpu::Vcpu;
 use crate::error::HypervisorError;
+use crate::state::IrqchipState;
 use crate::tsc::{Capture, ClockPolicy, ClockReport, ThawOrigin, TscSnapshot, VcpuTscReading};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -63,4 +64,9 @@ pub trait Vm: TscState + Send + Sync {
     /// without a VM exit or a VMM thread in between (KVM_IRQFD). With the in-kernel irqchip's
     /// default routing, GSI `n` < 16 is ISA IRQ `n` on the PIC and IOAPIC pin `n`.
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), HypervisorError>;
+    /// The VM-wide interrupt controllers' state (`None`: the backend keeps none this VMM can
+    /// read). Read while every vCPU is stopped.
+    fn irqchip_state(&self) -> Result<Option<IrqchipState>, HypervisorError>;
+    /// Put back what [`Vm::irqchip_state`] read, before any vCPU runs.
+    fn set_irqchip_state(&self, state: &IrqchipState) -> Result<(), HypervisorError>;
 }

@@ -20,37 +20,106 @@ use vmm_support::*;
 /// The guest's command line: serial console, wait forever after the panic that ends the test.
 const CMDLINE: &str = "console=ttyS0 panic=0";
 
-fn write_initramfs(dir: &Path) -> PathBuf {
+fn write_initramfs(dir: &Path, init: Init) -> PathBuf {
     let p = dir.join("initramfs.cpio");
-    std::fs::write(&p, initramfs()).expect("write the initramfs");
+    std::fs::write(&p, initramfs(init)).expect("write the initramfs");
     p
 }
 
-/// Boot Debian's kernel `name` with our initramfs on 2 vCPUs and 256 MiB, and wait for `/init`
-/// to have run (the kernel's report of its exit status 7). Both vCPUs must have come online
-/// (the kernel found them in the MP tables and started vCPU 1 itself, INIT/SIPI), the LAPIC
-/// timer must be in use (TSC-deadline, no PIT here) and /init's own output must have reached
-/// the console (the UART's interrupt delivered).
-fn boots_to_init(name: &str, test: &str) {
-    let _x = exclusive();
-    if skip(test) {
-        return;
-    }
+/// Inside the nested host: Debian's kernel `name`. Elsewhere: `None`, after saying why the
+/// test is skipped.
+fn nested_kernel(name: &str) -> Option<PathBuf> {
     if !in_nested_host() {
         println!(
             "skipped: this host's KVM (kvm_pvm) cannot run a stock Linux kernel; run \
              scripts/nested-kvm.sh"
         );
-        return;
+        return None;
     }
-    let kernel = debian_kernel(name).unwrap_or_else(|| {
-        panic!("HOURGLASS_NESTED=1 but no {name} in {NESTED_KERNEL_DIR} (scripts/nested-kvm.sh packs it)")
-    });
-    let dir = temp_dir(test);
-    let initramfs = write_initramfs(&dir);
-    let started = Instant::now();
-    let mut h = Hourglass::start_anywhere(
-        test,
+    Some(debian_kernel(name).unwrap_or_else(|| {
+        panic!(
+            "HOURGLASS_NESTED=1 but no {name} in {NESTED_KERNEL_DIR} (scripts/nested-kvm.sh \
+             packs it)"
+        )
+    }))
+}
+
+/// Wait until the guest's console satisfies `cond`. On a timeout (or an exit) the panic shows
+/// the console's tail, the VMM's log and, read from a snapshot taken then, where each vCPU was:
+/// the guest's last state, for a hang that cannot be reproduced at will.
+fn wait_console(h: &mut Hourglass, what: &str, timeout: Duration, cond: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = h.serial_text();
+        if cond(&text) {
+            return;
+        }
+        let exited = matches!(h.child.try_wait(), Ok(Some(_)));
+        if exited || Instant::now() > deadline {
+            let tail: String = {
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(60)..].join("\n")
+            };
+            panic!(
+                "{} waiting for {what}\n--- console (last 60 lines):\n{tail}\n--- vCPUs: {}\n\
+                 --- VMM:\n{}",
+                if exited {
+                    "hourglass exited"
+                } else {
+                    "timed out"
+                },
+                if exited {
+                    "(gone)".to_string()
+                } else {
+                    vcpu_positions(h)
+                },
+                h.stderr()
+            );
+        }
+        // Polling the console file; nothing else tells when the guest wrote to it.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Pause the VM, snapshot it, and say where each vCPU stood (rip, mp_state).
+fn vcpu_positions(h: &Hourglass) -> String {
+    let snap = h.dir.join("where");
+    let url = format!(r#"{{"destination_url":"file://{}"}}"#, snap.display());
+    let _ = h.api("PUT", "vm.pause", None);
+    let (code, body) = h.api("PUT", "vm.snapshot", Some(&url));
+    if code != 204 {
+        return format!("no snapshot: {code} {body}");
+    }
+    let state: serde_json::Value = match std::fs::read(snap.join("state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
+        Some(v) => v,
+        None => return "no readable state.json".into(),
+    };
+    state["vcpus"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .map(|c| {
+                    format!(
+                        "vCPU {}: rip {:#x} mp_state {} rflags {:#x}",
+                        c["id"],
+                        c["regs"]["rip"].as_u64().unwrap_or(0),
+                        c["mp_state"],
+                        c["regs"]["rflags"].as_u64().unwrap_or(0)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .unwrap_or_default()
+}
+
+/// Start `hourglass` with Debian's `kernel`, `initramfs` and [`CMDLINE`] on 2 vCPUs, 256 MiB.
+fn start_linux(tag: &str, kernel: &Path, initramfs: &Path) -> Hourglass {
+    Hourglass::start_anywhere(
+        tag,
         2,
         &[
             "--memory",
@@ -63,11 +132,31 @@ fn boots_to_init(name: &str, test: &str) {
             CMDLINE,
         ],
         6,
-    );
-    h.wait_until(
+    )
+}
+
+/// Boot Debian's kernel `name` with our initramfs on 2 vCPUs and 256 MiB, and wait for `/init`
+/// to have run (the kernel's report of its exit status 7). Both vCPUs must have come online
+/// (the kernel found them in the MP tables and started vCPU 1 itself, INIT/SIPI), the LAPIC
+/// timer must be in use (TSC-deadline, no PIT here) and /init's own output must have reached
+/// the console (the UART's interrupt delivered).
+fn boots_to_init(name: &str, test: &str) {
+    let _x = exclusive();
+    if skip(test) {
+        return;
+    }
+    let Some(kernel) = nested_kernel(name) else {
+        return;
+    };
+    let dir = temp_dir(test);
+    let initramfs = write_initramfs(&dir, Init::ExitSeven);
+    let started = Instant::now();
+    let mut h = start_linux(test, &kernel, &initramfs);
+    wait_console(
+        &mut h,
         "the kernel's report that /init ran and exited with status 7",
         Duration::from_secs(240),
-        |h| h.serial_text().contains(INIT_EXITED),
+        |text| text.contains(INIT_EXITED),
     );
     let took = started.elapsed();
     let serial = h.serial_text();
@@ -105,6 +194,9 @@ fn boots_to_init(name: &str, test: &str) {
             "CPU",
             "timer",
             "ttyS0",
+            "fpu",
+            "XSAVE",
+            "xstate",
             "Kernel panic",
             INIT_SAYS,
         ]
@@ -126,17 +218,205 @@ fn nested_linux_bzimage_boots_to_init() {
     boots_to_init("vmlinuz", "nested_linux_bzimage_boots_to_init");
 }
 
-/// `/init` itself, run on this host: it prints its line and exits with status 7, so a kernel
-/// that runs it reports exactly [`INIT_EXITED`].
+/// A Linux guest whose `/init` ticks every 200 ms is snapshotted, its VMM killed, and the
+/// snapshot restored into a new VMM: the restored kernel goes on ticking on the new console.
+/// Its nanosleep needs the LAPIC timer, and each tick's write needs the UART's interrupt routed
+/// through the IOAPIC, whose routes travel in the snapshot's `irqchip`. The restored kernel must
+/// not complain about its clocks.
 #[test]
-fn the_init_program_runs_here() {
-    let dir = temp_dir("linux-init");
-    let p = dir.join("init");
-    std::fs::write(&p, init_elf()).expect("write init");
+fn nested_linux_snapshot_restore_keeps_the_guest_running() {
+    let test = "nested_linux_snapshot_restore_keeps_the_guest_running";
+    let _x = exclusive();
+    if skip(test) {
+        return;
+    }
+    let Some(kernel) = nested_kernel("vmlinux").or_else(|| nested_kernel("vmlinuz")) else {
+        return;
+    };
+    let dir = temp_dir(test);
+    let initramfs = write_initramfs(&dir, Init::Ticker);
+    let mut h = start_linux(test, &kernel, &initramfs);
+    let ticks = |text: &str| text.matches(TICK).count();
+    wait_console(
+        &mut h,
+        "3 ticks from /init",
+        Duration::from_secs(240),
+        |t| ticks(t) >= 3,
+    );
+    let (code, body) = h.api("PUT", "vm.pause", None);
+    assert_eq!(code, 204, "{body}");
+    let snap = dir.join("snap");
+    let (code, body) = h.api(
+        "PUT",
+        "vm.snapshot",
+        Some(&format!(
+            r#"{{"destination_url":"file://{}"}}"#,
+            snap.display()
+        )),
+    );
+    assert_eq!(code, 204, "{body}");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap.join("state.json")).expect("state.json"))
+            .expect("state.json is JSON");
+    assert!(
+        state["irqchip"]["ioapic"]
+            .as_array()
+            .is_some_and(|a| a.len() == 512),
+        "the snapshot holds the IOAPIC's state"
+    );
+    drop(h);
+
+    let mut cmd = Command::new(prebuilt_or_built("hourglass"));
+    cmd.arg("--restore")
+        .arg(format!("source_url=file://{},resume=true", snap.display()));
+    let mut r = Hourglass::spawn_cmd(cmd, "linux-restored");
+    wait_console(
+        &mut r,
+        "3 ticks from the restored guest",
+        Duration::from_secs(120),
+        |t| ticks(t) >= 3,
+    );
+    let after = r.serial_text();
+    for bad in CLOCK_COMPLAINTS {
+        assert!(!after.contains(bad), "after the restore: {bad}:\n{after}");
+    }
+    println!(
+        "restored guest: {} ticks, console after the restore:\n{}",
+        ticks(&after),
+        after
+            .lines()
+            .filter(|l| !l.contains(TICK))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Kernel messages that mean the guest's clocks or CPUs were upset.
+const CLOCK_COMPLAINTS: [&str; 6] = [
+    "Marking TSC unstable",
+    "clocksource watchdog",
+    "soft lockup",
+    "self-detected stall",
+    "timekeeping watchdog",
+    "hung task",
+];
+
+/// A running Linux guest (the ticker) is paused and resumed, then migrated live to a second
+/// `hourglass` in the same host: it ticks on after the resume, and on the destination's console
+/// after the migration, without a complaint about its clocks.
+#[test]
+fn nested_linux_pause_resume_and_live_migration_keep_the_guest_running() {
+    let test = "nested_linux_pause_resume_and_live_migration_keep_the_guest_running";
+    let _x = exclusive();
+    if skip(test) {
+        return;
+    }
+    let Some(kernel) = nested_kernel("vmlinux").or_else(|| nested_kernel("vmlinuz")) else {
+        return;
+    };
+    let dir = temp_dir(test);
+    let initramfs = write_initramfs(&dir, Init::Ticker);
+    let mut src = start_linux(test, &kernel, &initramfs);
+    let ticks = |text: &str| text.matches(TICK).count();
+    wait_console(
+        &mut src,
+        "3 ticks from /init",
+        Duration::from_secs(240),
+        |t| ticks(t) >= 3,
+    );
+
+    let (code, body) = src.api("PUT", "vm.pause", None);
+    assert_eq!(code, 204, "{body}");
+    let paused_at = ticks(&src.serial_text());
+    let (code, body) = src.api("PUT", "vm.resume", None);
+    assert_eq!(code, 204, "{body}");
+    wait_console(
+        &mut src,
+        "3 more ticks after the resume",
+        Duration::from_secs(60),
+        |t| ticks(t) >= paused_at + 3,
+    );
+
+    let mut dst = Hourglass::spawn_cmd(Command::new(prebuilt_or_built("hourglass")), "linux-dst");
+    dst.wait_serving(Duration::from_secs(60));
+    let sock = dir.join("mig.sock");
+    let url = format!("unix:{}", sock.display());
+    let dst_api = dst.socket.clone();
+    let body = serde_json::json!({ "receiver_url": url }).to_string();
+    let rx = std::thread::spawn(move || {
+        vmm::api::client::api_request(&dst_api, "PUT", "vm.receive-migration", Some(&body))
+            .map_err(|e| e.to_string())
+    });
+    dst.wait_until("the receiver listening", Duration::from_secs(60), |_| {
+        sock.exists()
+    });
+    let (code, body) = src.api(
+        "PUT",
+        "vm.send-migration",
+        Some(&serde_json::json!({ "destination_url": url }).to_string()),
+    );
+    assert_eq!(code, 204, "send-migration: {body}\n{}", src.stderr());
+    let (code, body) = rx
+        .join()
+        .expect("receiver thread")
+        .expect("receive-migration");
+    assert_eq!(code, 204, "receive-migration: {body}");
+    wait_console(
+        &mut dst,
+        "3 ticks on the destination",
+        Duration::from_secs(120),
+        |t| ticks(t) >= 3,
+    );
+    let before = src.serial_text();
+    let after = dst.serial_text();
+    for bad in CLOCK_COMPLAINTS {
+        assert!(!before.contains(bad), "on the source: {bad}:\n{before}");
+        assert!(!after.contains(bad), "after the migration: {bad}:\n{after}");
+    }
+    println!(
+        "migrated guest: {} ticks on the destination; its console besides the ticks:\n{}",
+        ticks(&after),
+        after
+            .lines()
+            .filter(|l| !l.contains(TICK))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Both `/init` programs, run on this host as the kernel would run them: the first prints its
+/// line and exits with status 7 (so a kernel that runs it reports exactly [`INIT_EXITED`]); the
+/// ticker prints its line, then ticks.
+#[test]
+fn the_init_programs_run_here() {
+    use std::io::{BufRead, BufReader};
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let out = Command::new(&p).output().expect("run init");
+    let dir = temp_dir("linux-init");
+    let write = |name: &str, init: Init| {
+        let p = dir.join(name);
+        std::fs::write(&p, init_elf(init)).expect("write init");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        p
+    };
+    let out = Command::new(write("exit7", Init::ExitSeven))
+        .output()
+        .expect("run init");
     assert_eq!(out.status.code(), Some(7));
     assert_eq!(out.stdout, format!("{INIT_SAYS}\n").as_bytes());
+
+    let mut child = Command::new(write("ticker", Init::Ticker))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the ticker");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a line").expect("utf-8");
+    let (second, third) = (lines.next(), lines.next());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(first, INIT_SAYS);
+    assert_eq!(second.expect("a tick").expect("utf-8"), TICK);
+    assert_eq!(third.expect("a tick").expect("utf-8"), TICK);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -101,6 +101,7 @@ fn vm_state() -> VmState {
             serial: SerialDeviceState::default(),
             probe: TimeProbe::new(1, 0, khz).state(),
         },
+        irqchip: None,
     }
 }
 

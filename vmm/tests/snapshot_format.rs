@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use devices::probe::TimeProbe;
 use devices::serial::SerialDeviceState;
 use hypervisor::arch::{MsrEntry, SpecialRegisters, StandardRegisters, Xcr};
-use hypervisor::state::{VcpuState, LAPIC_SIZE};
+use hypervisor::state::{IrqChip, IrqchipState, VcpuState, IRQCHIP_SIZE, LAPIC_SIZE};
 use hypervisor::tsc::{capture, tsc_ratio, HostSample, HostTsc, VcpuTscReading, Vendor};
 use serde_json::Value;
 use snapshot::{
@@ -102,6 +102,11 @@ fn vm_state(vcpus: u32) -> VmState {
             },
             probe: TimeProbe::new(vcpus, 0, khz).state(),
         },
+        irqchip: Some(IrqchipState::new({
+            let mut chips = [[0u8; IRQCHIP_SIZE]; 3];
+            chips[2][56] = 0x24; // IOAPIC pin 4: vector 0x24, unmasked
+            chips
+        })),
     }
 }
 
@@ -454,6 +459,36 @@ fn a_vcpu_count_mismatch_is_refused() {
             .push(0.into());
     });
     assert_names(&read_err(&d), &[STATE_FILE, "tsc.tsc_adjust", "3"]);
+}
+
+#[test]
+fn the_irqchip_round_trips_is_optional_and_a_bad_one_is_named() {
+    let d = scratch("irqchip").join("snap");
+    good_snapshot(&d);
+    let read = Snapshot::read(&d).expect("read");
+    assert_eq!(read.state.irqchip, vm_state(2).irqchip);
+    assert_eq!(
+        read.state.irqchip.as_ref().unwrap().chip(IrqChip::Ioapic)[56],
+        0x24
+    );
+
+    // A snapshot written before the field existed (or by a host with no irqchip to read).
+    let d = scratch("irqchip-absent").join("snap");
+    good_snapshot(&d);
+    rewrite_consistently(&d, STATE_FILE, |v| {
+        v.as_object_mut().unwrap().remove("irqchip");
+    });
+    assert_eq!(Snapshot::read(&d).expect("read").state.irqchip, None);
+
+    let d = scratch("irqchip-short").join("snap");
+    good_snapshot(&d);
+    rewrite_consistently(&d, STATE_FILE, |v| {
+        v["irqchip"]["ioapic"].as_array_mut().unwrap().pop();
+    });
+    assert_names(
+        &read_err(&d),
+        &[STATE_FILE, "irqchip.ioapic", "expected 512 bytes, got 511"],
+    );
 }
 
 #[test]

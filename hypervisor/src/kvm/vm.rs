@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{kvm_irqchip, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
 use crate::caps::TscCapabilities;
@@ -15,6 +15,7 @@ use crate::cpu::Vcpu;
 use crate::error::HypervisorError;
 use crate::kvm::vcpu::{KvmVcpu, VcpuCaps};
 use crate::kvm::x86_64::vendor::profile;
+use crate::state::{IrqChip, IrqchipState, IRQCHIP_SIZE};
 use crate::vm::Vm;
 
 /// Guest-physical address of the 3-page TSS region KVM needs on Intel.
@@ -132,5 +133,37 @@ impl Vm for KvmVm {
         self.fd
             .register_irqfd(fd, gsi)
             .map_err(|e| HypervisorError::ioctl("KVM_IRQFD", e.errno()))
+    }
+
+    fn irqchip_state(&self) -> Result<Option<IrqchipState>, HypervisorError> {
+        let mut chips = [[0u8; IRQCHIP_SIZE]; 3];
+        for (chip, out) in IrqChip::ALL.into_iter().zip(chips.iter_mut()) {
+            let mut c = kvm_irqchip {
+                chip_id: chip as u32,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(|e| HypervisorError::ioctl("KVM_GET_IRQCHIP", e.errno()))?;
+            // SAFETY: every member of the `chip` union is plain bytes and `dummy` spans all
+            // of it, so reading it is reading what KVM wrote for this chip.
+            let raw = unsafe { c.chip.dummy };
+            *out = raw.map(|b| b as u8);
+        }
+        Ok(Some(IrqchipState::new(chips)))
+    }
+
+    fn set_irqchip_state(&self, state: &IrqchipState) -> Result<(), HypervisorError> {
+        for chip in IrqChip::ALL {
+            let mut c = kvm_irqchip {
+                chip_id: chip as u32,
+                ..Default::default()
+            };
+            c.chip.dummy = state.chip(chip).map(|b| b as _);
+            self.fd
+                .set_irqchip(&c)
+                .map_err(|e| HypervisorError::ioctl("KVM_SET_IRQCHIP", e.errno()))?;
+        }
+        Ok(())
     }
 }

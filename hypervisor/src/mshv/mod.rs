@@ -272,6 +272,19 @@ impl Vm for MshvVm {
             "mshv: interrupt routing is not implemented".into(),
         ))
     }
+
+    fn irqchip_state(&self) -> Result<Option<crate::state::IrqchipState>, HypervisorError> {
+        Ok(None)
+    }
+
+    fn set_irqchip_state(
+        &self,
+        _state: &crate::state::IrqchipState,
+    ) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Unsupported(
+            "mshv: interrupt controller state is not implemented".into(),
+        ))
+    }
 }
 
 /// MSHV has no `immediate_exit`: the flag is checked before each run; a signal breaks a run

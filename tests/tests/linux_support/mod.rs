@@ -1,11 +1,14 @@
 //! A Linux guest for the tests: where Debian's kernel is, and an initramfs built here, byte by
-//! byte, whose `/init` is a 57-byte static program (no toolchain needed where the test runs).
+//! byte, whose `/init` is a static program of about a hundred bytes (no toolchain needed where the
+//! test runs). Two programs ([`Init`]):
 //!
-//! `/init` writes `HOURGLASS-LINUX-INIT` to its standard output (the console) and exits with
-//! status 7. Linux answers an exiting init with `Kernel panic - not syncing: Attempted to kill
-//! init! exitcode=0x00000700`, printed on the serial console by the kernel itself: proof that
-//! the kernel booted, unpacked the initramfs and ran our `/init`, whatever state the console's
-//! interrupt is in. With `panic=0` the kernel then waits forever.
+//! - [`Init::ExitSeven`] writes `HOURGLASS-LINUX-INIT` to its standard output (the console) and
+//!   exits with status 7. Linux answers an exiting init with `Kernel panic - not syncing:
+//!   Attempted to kill init! exitcode=0x00000700`, printed on the serial console by the kernel
+//!   itself: proof that the kernel booted, unpacked the initramfs and ran our `/init`, whatever
+//!   state the console's interrupt is in. With `panic=0` the kernel then waits forever.
+//! - [`Init::Ticker`] writes the same line, then `HOURGLASS-TICK` every 200 ms forever
+//!   (`nanosleep`): a guest whose timer and console interrupts must keep working.
 
 #![allow(dead_code)]
 
@@ -15,21 +18,60 @@ use std::path::{Path, PathBuf};
 pub const RUN_INIT: &str = "Run /init as init process";
 /// What the kernel prints when our `/init` has exited with status 7.
 pub const INIT_EXITED: &str = "exitcode=0x00000700";
-/// What `/init` itself writes.
+/// What `/init` itself writes first.
 pub const INIT_SAYS: &str = "HOURGLASS-LINUX-INIT";
+/// What [`Init::Ticker`] writes every 200 ms.
+pub const TICK: &str = "HOURGLASS-TICK";
 
-/// `/init`'s code, loaded at [`INIT_LOAD`] + [`INIT_CODE_OFFSET`]:
+/// Which `/init` the initramfs holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Init {
+    /// Say [`INIT_SAYS`], exit with status 7.
+    ExitSeven,
+    /// Say [`INIT_SAYS`], then [`TICK`] every 200 ms forever.
+    Ticker,
+}
+
+/// [`Init::ExitSeven`]'s code, loaded at [`INIT_LOAD`] + [`INIT_CODE_OFFSET`]. Between the
+/// write and the exit it waits until the console has sent every byte (`tcdrain`, the
+/// `TCSBRK` ioctl with 1): the kernel panics as soon as init exits and would otherwise stop
+/// the CPUs before the UART's interrupt-driven output got the line out (seen once in the
+/// nested host).
 ///
 /// ```text
 ///     mov $1,%edi ; lea msg(%rip),%rsi ; mov $21,%edx ; mov $1,%eax ; syscall   # write(1, msg, 21)
+///     mov $1,%edi ; mov $0x5409,%esi ; mov $1,%edx ; mov $16,%eax ; syscall     # ioctl(1, TCSBRK, 1)
 ///     mov $7,%edi ; mov $60,%eax ; syscall                                      # exit(7)
 /// msg: .ascii "HOURGLASS-LINUX-INIT\n"
 /// ```
-const INIT_CODE: [u8; 57] = [
-    0xbf, 0x01, 0x00, 0x00, 0x00, 0x48, 0x8d, 0x35, 0x18, 0x00, 0x00, 0x00, 0xba, 0x15, 0x00, 0x00,
-    0x00, 0xb8, 0x01, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xbf, 0x07, 0x00, 0x00, 0x00, 0xb8, 0x3c, 0x00,
-    0x00, 0x00, 0x0f, 0x05, 0x48, 0x4f, 0x55, 0x52, 0x47, 0x4c, 0x41, 0x53, 0x53, 0x2d, 0x4c, 0x49,
-    0x4e, 0x55, 0x58, 0x2d, 0x49, 0x4e, 0x49, 0x54, 0x0a,
+const INIT_CODE: [u8; 79] = [
+    0xbf, 0x01, 0x00, 0x00, 0x00, 0x48, 0x8d, 0x35, 0x2e, 0x00, 0x00, 0x00, 0xba, 0x15, 0x00, 0x00,
+    0x00, 0xb8, 0x01, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xbf, 0x01, 0x00, 0x00, 0x00, 0xbe, 0x09, 0x54,
+    0x00, 0x00, 0xba, 0x01, 0x00, 0x00, 0x00, 0xb8, 0x10, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xbf, 0x07,
+    0x00, 0x00, 0x00, 0xb8, 0x3c, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0x4f, 0x55, 0x52, 0x47, 0x4c,
+    0x41, 0x53, 0x53, 0x2d, 0x4c, 0x49, 0x4e, 0x55, 0x58, 0x2d, 0x49, 0x4e, 0x49, 0x54, 0x0a,
+];
+/// [`Init::Ticker`]'s code:
+///
+/// ```text
+///     mov $1,%edi ; lea msg(%rip),%rsi ; mov $21,%edx ; mov $1,%eax ; syscall   # write(1, msg, 21)
+/// 1:  mov $1,%edi ; lea tick(%rip),%rsi ; mov $15,%edx ; mov $1,%eax ; syscall # write(1, tick, 15)
+///     lea ts(%rip),%rdi ; xor %esi,%esi ; mov $35,%eax ; syscall                # nanosleep(&ts, 0)
+///     jmp 1b
+///     .balign 8
+/// ts:   .quad 0, 200000000
+/// msg:  .ascii "HOURGLASS-LINUX-INIT\n"
+/// tick: .ascii "HOURGLASS-TICK\n"
+/// ```
+const TICKER_CODE: [u8; 124] = [
+    0xbf, 0x01, 0x00, 0x00, 0x00, 0x48, 0x8d, 0x35, 0x4c, 0x00, 0x00, 0x00, 0xba, 0x15, 0x00, 0x00,
+    0x00, 0xb8, 0x01, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xbf, 0x01, 0x00, 0x00, 0x00, 0x48, 0x8d, 0x35,
+    0x49, 0x00, 0x00, 0x00, 0xba, 0x0f, 0x00, 0x00, 0x00, 0xb8, 0x01, 0x00, 0x00, 0x00, 0x0f, 0x05,
+    0x48, 0x8d, 0x3d, 0x11, 0x00, 0x00, 0x00, 0x31, 0xf6, 0xb8, 0x23, 0x00, 0x00, 0x00, 0x0f, 0x05,
+    0xeb, 0xd6, 0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0xc2, 0xeb, 0x0b, 0x00, 0x00, 0x00, 0x00, 0x48, 0x4f, 0x55, 0x52, 0x47, 0x4c, 0x41, 0x53,
+    0x53, 0x2d, 0x4c, 0x49, 0x4e, 0x55, 0x58, 0x2d, 0x49, 0x4e, 0x49, 0x54, 0x0a, 0x48, 0x4f, 0x55,
+    0x52, 0x47, 0x4c, 0x41, 0x53, 0x53, 0x2d, 0x54, 0x49, 0x43, 0x4b, 0x0a,
 ];
 /// Where `/init` is mapped.
 const INIT_LOAD: u64 = 0x40_0000;
@@ -37,7 +79,11 @@ const INIT_LOAD: u64 = 0x40_0000;
 const INIT_CODE_OFFSET: u64 = 64 + 56;
 
 /// `/init`: an ELF64 executable, one read+execute PT_LOAD of the whole file at [`INIT_LOAD`].
-pub fn init_elf() -> Vec<u8> {
+pub fn init_elf(init: Init) -> Vec<u8> {
+    let code: &[u8] = match init {
+        Init::ExitSeven => &INIT_CODE,
+        Init::Ticker => &TICKER_CODE,
+    };
     let mut v = vec![0u8; INIT_CODE_OFFSET as usize];
     let put = |v: &mut Vec<u8>, at: usize, b: &[u8]| v[at..at + b.len()].copy_from_slice(b);
     put(&mut v, 0, b"\x7fELF\x02\x01\x01");
@@ -49,7 +95,7 @@ pub fn init_elf() -> Vec<u8> {
     put(&mut v, 52, &64u16.to_le_bytes()); // e_ehsize
     put(&mut v, 54, &56u16.to_le_bytes()); // e_phentsize
     put(&mut v, 56, &1u16.to_le_bytes()); // e_phnum
-    let len = INIT_CODE_OFFSET + INIT_CODE.len() as u64;
+    let len = INIT_CODE_OFFSET + code.len() as u64;
     put(&mut v, 64, &1u32.to_le_bytes()); // PT_LOAD
     put(&mut v, 68, &5u32.to_le_bytes()); // R+X
     put(&mut v, 72, &0u64.to_le_bytes()); // p_offset
@@ -58,7 +104,7 @@ pub fn init_elf() -> Vec<u8> {
     put(&mut v, 96, &len.to_le_bytes()); // p_filesz
     put(&mut v, 104, &len.to_le_bytes()); // p_memsz
     put(&mut v, 112, &0x1000u64.to_le_bytes()); // p_align
-    v.extend_from_slice(&INIT_CODE);
+    v.extend_from_slice(code);
     v
 }
 
@@ -95,11 +141,11 @@ fn newc_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u3
 }
 
 /// The initramfs: `/dev`, `/dev/console` (char 5:1, so that `/init` has a console) and `/init`.
-pub fn initramfs() -> Vec<u8> {
+pub fn initramfs(init: Init) -> Vec<u8> {
     let mut out = Vec::new();
     newc_entry(&mut out, 1, "dev", 0o040_755, (0, 0), &[]);
     newc_entry(&mut out, 2, "dev/console", 0o020_600, (5, 1), &[]);
-    newc_entry(&mut out, 3, "init", 0o100_755, (0, 0), &init_elf());
+    newc_entry(&mut out, 3, "init", 0o100_755, (0, 0), &init_elf(init));
     newc_entry(&mut out, 0, "TRAILER!!!", 0, (0, 0), &[]);
     out
 }
@@ -129,7 +175,7 @@ mod tests {
 
     #[test]
     fn the_initramfs_is_well_formed_newc() {
-        let a = initramfs();
+        let a = initramfs(Init::Ticker);
         assert!(a.len().is_multiple_of(4));
         // Walk it as a reader would: magic, sizes, names, 4-byte alignment, the trailer last.
         let mut at = 0;
@@ -152,7 +198,7 @@ mod tests {
         }
         assert_eq!(at, a.len());
         let init = names.iter().find(|n| n.0 == "init").unwrap();
-        assert_eq!((init.1, init.2), (0o100_755, init_elf().len()));
+        assert_eq!((init.1, init.2), (0o100_755, init_elf(Init::Ticker).len()));
         assert!(names
             .iter()
             .any(|n| n.0 == "dev/console" && n.1 == 0o020_600));

@@ -342,40 +342,53 @@ fn socket_rules() -> KindRules {
 
 /// The vCPU state a paused VM's snapshot or migration reads (the TSC and clock ones included).
 fn state_get_ioctls() -> KindRules {
-    KindRules::default().io(ioctl_list![
-        KVM_GET_REGS,
-        KVM_GET_SREGS,
-        KVM_GET_MSRS,
-        KVM_GET_LAPIC,
-        KVM_GET_MP_STATE,
-        KVM_GET_VCPU_EVENTS,
-        KVM_GET_XSAVE,
-        KVM_GET_XSAVE2,
-        KVM_GET_XCRS,
-        KVM_GET_NESTED_STATE,
-        KVM_GET_TSC_KHZ,
-        KVM_GET_CLOCK,
-        KVM_SET_CLOCK,
-        KVM_SET_MSRS,
-        KVM_KVMCLOCK_CTRL,
-        KVM_HAS_DEVICE_ATTR,
-        KVM_GET_DEVICE_ATTR,
-        KVM_SET_DEVICE_ATTR,
-        KVM_CHECK_EXTENSION,
-    ])
+    KindRules::default()
+        .io(&[("KVM_GET_IRQCHIP", KVM_GET_IRQCHIP)])
+        .io(ioctl_list![
+            KVM_GET_REGS,
+            KVM_GET_SREGS,
+            KVM_GET_MSRS,
+            KVM_GET_LAPIC,
+            KVM_GET_MP_STATE,
+            KVM_GET_VCPU_EVENTS,
+            KVM_GET_XSAVE,
+            KVM_GET_XSAVE2,
+            KVM_GET_XCRS,
+            KVM_GET_NESTED_STATE,
+            KVM_GET_TSC_KHZ,
+            KVM_GET_CLOCK,
+            KVM_SET_CLOCK,
+            KVM_SET_MSRS,
+            KVM_KVMCLOCK_CTRL,
+            KVM_HAS_DEVICE_ATTR,
+            KVM_GET_DEVICE_ATTR,
+            KVM_SET_DEVICE_ATTR,
+            KVM_CHECK_EXTENSION,
+        ])
 }
 
-/// `KVM_IRQFD`: `_IOW(KVMIO, 0x76, struct kvm_irqfd)` (kvm-ioctls keeps its number private).
-pub const KVM_IRQFD: u64 = (1 << 30)
-    | ((std::mem::size_of::<kvm_bindings::kvm_irqfd>() as u64) << 16)
-    | (0xae << 8)
-    | 0x76;
+/// An ioctl number of KVM's (`KVMIO`, 0xae): direction (1 write, 2 read, 3 both), number and
+/// argument size, as `_IOC` builds it.
+const fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (0xae << 8) | nr
+}
+
+// Numbers kvm-ioctls keeps private.
+/// `KVM_IRQFD`: `_IOW(KVMIO, 0x76, struct kvm_irqfd)`.
+pub const KVM_IRQFD: u64 = kvm_ioc(1, 0x76, size_of::<kvm_bindings::kvm_irqfd>());
+/// `KVM_GET_IRQCHIP`: `_IOWR(KVMIO, 0x62, struct kvm_irqchip)`.
+pub const KVM_GET_IRQCHIP: u64 = kvm_ioc(3, 0x62, size_of::<kvm_bindings::kvm_irqchip>());
+/// `KVM_SET_IRQCHIP`: `_IOR(KVMIO, 0x63, struct kvm_irqchip)`.
+pub const KVM_SET_IRQCHIP: u64 = kvm_ioc(2, 0x63, size_of::<kvm_bindings::kvm_irqchip>());
 
 /// Everything that creates a VM and puts state into it (boot, restore, a received migration):
 /// and wires the devices' interrupts (`KVM_IRQFD`).
 fn create_ioctls() -> KindRules {
     KindRules::default()
-        .io(&[("KVM_IRQFD", KVM_IRQFD)])
+        .io(&[
+            ("KVM_IRQFD", KVM_IRQFD),
+            ("KVM_SET_IRQCHIP", KVM_SET_IRQCHIP),
+        ])
         .io(ioctl_list![
             KVM_GET_API_VERSION,
             KVM_CREATE_VM,

@@ -80,6 +80,8 @@ fn ioctls_are_matched_on_the_request() {
     assert!(v.ioctls.iter().any(|&(_, nr)| nr == 0xae80));
     // KVM_IRQFD as <linux/kvm.h> numbers it, allowed where VMs are assembled.
     assert_eq!(super::rules::KVM_IRQFD, 0x4020_ae76);
+    assert_eq!(super::rules::KVM_GET_IRQCHIP, 0xc208_ae62);
+    assert_eq!(super::rules::KVM_SET_IRQCHIP, 0x8208_ae63);
     // KVM_GET_REGS: the rip in the report of an internal-error exit.
     assert!(v.ioctls.iter().any(|&(_, nr)| nr == 0x8090_ae81));
     // Every filter compiles.

@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 
 use devices::probe::{ProbeState, TimeProbe};
 use devices::serial::SerialDeviceState;
-use hypervisor::state::{RawVcpuState, VcpuState, VcpuStateError};
+use hypervisor::state::{
+    IrqchipState, IrqchipStateError, RawIrqchipState, RawVcpuState, VcpuState, VcpuStateError,
+};
 use hypervisor::tsc::{RawTscSnapshot, StateError, TscSnapshot};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -100,6 +102,9 @@ pub struct VmState {
     pub vcpus: Vec<VcpuState>,
     /// Devices.
     pub devices: DeviceStates,
+    /// The in-kernel PICs and IOAPIC (`None`: the host kept none, or a snapshot written before
+    /// this field existed; the VM then starts with a reset irqchip).
+    pub irqchip: Option<IrqchipState>,
 }
 
 /// `state.json` as written.
@@ -109,7 +114,23 @@ pub(crate) struct StateFile<'a> {
     pub tsc: &'a TscSnapshot,
     pub vcpus: &'a [VcpuState],
     pub devices: &'a DeviceStates,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub irqchip: Option<&'a IrqchipState>,
     pub memory: &'a MemoryLayout,
+}
+
+impl<'a> StateFile<'a> {
+    /// `state.json` for `state` with its memory at `memory`.
+    pub fn new(version: u32, state: &'a VmState, memory: &'a MemoryLayout) -> Self {
+        StateFile {
+            version,
+            tsc: &state.tsc,
+            vcpus: &state.vcpus,
+            devices: &state.devices,
+            irqchip: state.irqchip.as_ref(),
+            memory,
+        }
+    }
 }
 
 /// One file's entry in `checksums.json`.
@@ -204,6 +225,8 @@ struct RawStateFile {
     tsc: RawTscSnapshot,
     vcpus: Vec<RawVcpuState>,
     devices: RawDeviceStates,
+    #[serde(default)]
+    irqchip: Option<RawIrqchipState>,
     memory: RawMemoryLayout,
 }
 
@@ -231,6 +254,16 @@ fn vcpu_error(path: &str, e: VcpuStateError) -> SnapshotError {
     let text = e.to_string();
     let reason = text.split_once(": ").map_or(text.as_str(), |(_, r)| r);
     invalid(STATE_FILE, join(path, field), reason)
+}
+
+fn irqchip_error(e: IrqchipStateError) -> SnapshotError {
+    let field = match &e {
+        IrqchipStateError::Version(_) => "irqchip.version".to_string(),
+        IrqchipStateError::Size { field, .. } => format!("irqchip.{field}"),
+    };
+    let text = e.to_string();
+    let reason = text.split_once(": ").map_or(text.as_str(), |(_, r)| r);
+    invalid(STATE_FILE, field, reason)
 }
 
 fn tsc_error(path: &str, e: StateError) -> SnapshotError {
@@ -315,6 +348,11 @@ pub(crate) fn decode_state(
         vcpus.push(s);
     }
     let devices = DeviceStates::try_from(raw.devices)?;
+    let irqchip = raw
+        .irqchip
+        .map(IrqchipState::try_from)
+        .transpose()
+        .map_err(irqchip_error)?;
     let memory = MemoryLayout::try_from(raw.memory)?;
 
     // Cross-checks with config.json.
@@ -355,6 +393,7 @@ pub(crate) fn decode_state(
             tsc,
             vcpus,
             devices,
+            irqchip,
         },
         memory,
     ))

@@ -303,13 +303,7 @@ pub fn write(
     let config_sum = write_small(&tmp, CONFIG_FILE, &json(CONFIG_FILE, config)?)?;
 
     inject(opts, STATE_FILE)?;
-    let state_file = StateFile {
-        version: STATE_VERSION,
-        tsc: &state.tsc,
-        vcpus: &state.vcpus,
-        devices: &state.devices,
-        memory: &layout,
-    };
+    let state_file = StateFile::new(STATE_VERSION, state, &layout);
     let state_sum = write_small(&tmp, STATE_FILE, &json(STATE_FILE, &state_file)?)?;
 
     inject(opts, MEMORY_FILE)?;
@@ -392,13 +386,7 @@ pub fn decode_checksums(bytes: &[u8]) -> Result<Checksums, SnapshotError> {
 /// payload of a migration's `State` frame).
 pub fn encode_state(config: &VmConfig, state: &VmState) -> Result<Vec<u8>, SnapshotError> {
     let layout = MemoryLayout::for_size(config.memory.size).map_err(SnapshotError::Memory)?;
-    let state_file = StateFile {
-        version: STATE_VERSION,
-        tsc: &state.tsc,
-        vcpus: &state.vcpus,
-        devices: &state.devices,
-        memory: &layout,
-    };
+    let state_file = StateFile::new(STATE_VERSION, state, &layout);
     serde_json::to_vec(&state_file).map_err(|e| format::invalid(STATE_FILE, "(top level)", e))
 }
 

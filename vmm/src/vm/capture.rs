@@ -61,10 +61,15 @@ impl Vm {
                 })
                 .collect::<Result<Vec<_>, _>>()?
         };
+        let irqchip = self
+            .vm
+            .irqchip_state()
+            .map_err(hv_err("read the interrupt controllers' state"))?;
         Ok(VmState {
             tsc: capture.snapshot.clone(),
             vcpus,
             devices: self.devices.states(),
+            irqchip,
         })
     }
 }

@@ -140,8 +140,15 @@ impl Vm {
                 vcpus.len()
             )));
         }
-        // Registers, special registers, XSAVE, XCRs, LAPIC, then MSRs (TSC_DEADLINE is held
-        // back by the backend until the thaw has put the TSC in place), events, MP state.
+        // The VM-wide interrupt controllers first (both PICs, the IOAPIC: a kernel's routes for
+        // its devices' interrupts), as the vCPUs' local APICs will find them.
+        if let Some(irqchip) = &state.irqchip {
+            vm.set_irqchip_state(irqchip)
+                .map_err(hv_err("restore the interrupt controllers' state"))?;
+        }
+        // Then per vCPU: registers, special registers, XSAVE, XCRs, LAPIC, then MSRs
+        // (TSC_DEADLINE is held back by the backend until the thaw has put the TSC in place),
+        // events, MP state.
         for (v, st) in vcpus.iter().zip(&state.vcpus) {
             v.set_state(st)
                 .map_err(hv_err(format!("restore vCPU {}'s state", st.id)))?;
