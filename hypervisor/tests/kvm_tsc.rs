@@ -691,3 +691,59 @@ fn supported_cpuid_has_the_tsc_deadline_timer_kvm_emulates() {
         leaf1.ecx
     );
 }
+
+/// CPUID.(0xD,0).EBX, the XSAVE area size for the current XCR0, as the guest reads it: a fresh
+/// vCPU's must already be the size for every user component offered (ECX), the XCR0 its kernel
+/// will set; KVM alone would leave it at the size for XCR0 = 1 whenever that kernel enables only
+/// x87, SSE and AVX (see `KvmVcpu::size_xsave_area`).
+#[test]
+fn a_fresh_vcpu_reads_the_xsave_size_of_the_xcr0_it_will_use() {
+    let Some(hv) = kvm_or_skip() else { return };
+    let supported = hv.supported_cpuid().expect("supported CPUID");
+    let Some(offered) = supported.iter().find(|e| e.function == 0xd && e.index == 0) else {
+        println!("skipped: this host offers no XSAVE leaf");
+        return;
+    };
+    let (max_size, offered_mask) = (
+        offered.ecx,
+        u64::from(offered.eax) | (u64::from(offered.edx) << 32),
+    );
+    let vm = hv.create_vm().expect("VM");
+    let vcpu = vm.create_vcpu(0).expect("vCPU");
+    vcpu.set_cpuid(&supported).expect("set CPUID");
+    let kvm_vcpu = vcpu.as_any().downcast_ref::<KvmVcpu>().expect("a KVM vCPU");
+    let seen = kvm_vcpu.cpuid_as_seen().expect("KVM_GET_CPUID2");
+    let leaf = seen
+        .iter()
+        .find(|e| e.function == 0xd && e.index == 0)
+        .expect("leaf 0xD");
+    assert_eq!(
+        leaf.ebx, max_size,
+        "EBX {} but the area for XCR0 {offered_mask:#x} is {max_size} bytes",
+        leaf.ebx
+    );
+    let state = vcpu.state().expect("state");
+    let xcr0 = state
+        .xcrs
+        .as_ref()
+        .and_then(|x| x.iter().find(|x| x.xcr == 0))
+        .map(|x| x.value);
+    assert_eq!(xcr0, Some(offered_mask));
+
+    // A restored vCPU whose guest enabled x87|SSE|AVX only: the size for exactly those.
+    let avx = supported.iter().find(|e| e.function == 0xd && e.index == 2);
+    if let (true, Some(avx)) = (offered_mask & 0b111 == 0b111, avx) {
+        let mut st = state;
+        st.xcrs = Some(vec![hypervisor::arch::Xcr {
+            xcr: 0,
+            value: 0b111,
+        }]);
+        vcpu.set_state(&st).expect("set_state");
+        let seen = kvm_vcpu.cpuid_as_seen().expect("KVM_GET_CPUID2");
+        let leaf = seen
+            .iter()
+            .find(|e| e.function == 0xd && e.index == 0)
+            .expect("leaf 0xD");
+        assert_eq!(leaf.ebx, avx.ebx + avx.eax, "the area for x87|SSE|AVX");
+    }
+}

@@ -114,6 +114,9 @@ impl Drop for KvmKicker {
     }
 }
 
+/// XCR0 at reset: x87 only.
+const XCR0_RESET: u64 = 1;
+
 /// One KVM vCPU.
 pub struct KvmVcpu {
     id: u32,
@@ -122,6 +125,8 @@ pub struct KvmVcpu {
     kicker: Arc<KvmKicker>,
     /// MSRs from `set_state` that must wait until the TSC is in place (TSC_DEADLINE).
     after_tsc: Mutex<Vec<MsrEntry>>,
+    /// The CPUID last set, applied again once XCR0 is final (see [`KvmVcpu::size_xsave_area`]).
+    cpuid: Mutex<Option<kvm_bindings::CpuId>>,
 }
 
 impl KvmVcpu {
@@ -133,7 +138,77 @@ impl KvmVcpu {
             caps,
             kicker,
             after_tsc: Mutex::new(Vec::new()),
+            cpuid: Mutex::new(None),
         })
+    }
+
+    /// The CPUID as the guest reads it now (KVM_GET_CPUID2: with what KVM computes at run
+    /// time, such as the XSAVE area's size for the current XCR0).
+    pub fn cpuid_as_seen(&self) -> Result<Vec<CpuIdEntry>, HypervisorError> {
+        let c = self
+            .fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_CPUID2", e.errno()))?;
+        Ok(c.as_slice().iter().map(convert::cpuid_from_kvm).collect())
+    }
+
+    /// XCR0, the user state components enabled for XSAVE.
+    fn xcr0(&self) -> Result<u64, HypervisorError> {
+        let x = self
+            .fd
+            .get_xcrs()
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_XCRS", e.errno()))?;
+        Ok(x.xcrs[..(x.nr_xcrs as usize).min(x.xcrs.len())]
+            .iter()
+            .find(|x| x.xcr == 0)
+            .map_or(XCR0_RESET, |x| x.value))
+    }
+
+    /// Make CPUID.(0xD,0).EBX, the XSAVE area size the guest reads, match its XCR0.
+    ///
+    /// KVM computes that size at KVM_SET_CPUID2 and again when the guest changes an XCR0 bit
+    /// other than x87, SSE and AVX (its XFEATURE_MASK_EXTEND), not when only those change. A
+    /// guest that enables exactly x87|SSE|AVX, which is all a host without AVX-512 or PKRU
+    /// offers, would keep reading the size for XCR0 = 1 (576 bytes) while its area is 832:
+    /// Linux prints "XSAVE consistency problem" (seen on the nested kvm_amd host) and user space
+    /// that sizes its save buffers from EBX allocates too little. So a fresh vCPU (XCR0 still
+    /// at its reset value) starts with XCR0 = every user component the CPUID offers, the value
+    /// the guest's kernel will write, and the CPUID is applied again for KVM to size the area
+    /// for it; a restored vCPU gets its own XCR0 back first ([`Vcpu::set_state`]) and then the
+    /// same second application.
+    fn size_xsave_area(&self, seed: bool) -> Result<(), HypervisorError> {
+        let guard = self.cpuid.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(cpuid) = guard.as_ref() else {
+            return Ok(());
+        };
+        if !self.caps.xcrs {
+            return Ok(());
+        }
+        let Some(leaf) = cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 0xd && e.index == 0)
+        else {
+            return Ok(());
+        };
+        let offered = u64::from(leaf.eax) | (u64::from(leaf.edx) << 32);
+        if seed {
+            if offered & XCR0_RESET == 0 || self.xcr0()? != XCR0_RESET {
+                return Ok(());
+            }
+            let mut x = kvm_bindings::kvm_xcrs {
+                nr_xcrs: 1,
+                ..Default::default()
+            };
+            x.xcrs[0].xcr = 0;
+            x.xcrs[0].value = offered;
+            self.fd
+                .set_xcrs(&x)
+                .map_err(|e| HypervisorError::ioctl("KVM_SET_XCRS", e.errno()))?;
+        }
+        self.fd
+            .set_cpuid2(cpuid)
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_CPUID2", e.errno()))
     }
 
     /// The kvm-ioctls vCPU handle (for embedders that need more than the traits).
@@ -283,7 +358,9 @@ impl Vcpu for KvmVcpu {
         })?;
         self.fd
             .set_cpuid2(&c)
-            .map_err(|e| HypervisorError::ioctl("KVM_SET_CPUID2", e.errno()))
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_CPUID2", e.errno()))?;
+        *self.cpuid.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+        self.size_xsave_area(true)
     }
 
     fn regs(&self) -> Result<StandardRegisters, HypervisorError> {
@@ -439,6 +516,8 @@ impl Vcpu for KvmVcpu {
             self.fd
                 .set_xcrs(&k)
                 .map_err(|e| HypervisorError::ioctl("KVM_SET_XCRS", e.errno()))?;
+            // The restored XCR0 is the guest's: size its XSAVE area for it.
+            self.size_xsave_area(false)?;
         }
         if let Some(l) = &state.lapic {
             let mut k = kvm_lapic_state::default();

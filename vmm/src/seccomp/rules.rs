@@ -404,6 +404,9 @@ fn create_ioctls() -> KindRules {
             KVM_CREATE_IRQCHIP,
             KVM_ENABLE_CAP,
             KVM_SET_CPUID2,
+            // Setting the CPUID reads and may seed XCR0 (the XSAVE area's size, see the KVM
+            // backend's vCPU).
+            KVM_GET_XCRS,
             KVM_SET_REGS,
             KVM_SET_SREGS,
             KVM_SET_MSRS,
