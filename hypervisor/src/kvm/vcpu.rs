@@ -125,7 +125,8 @@ pub struct KvmVcpu {
     kicker: Arc<KvmKicker>,
     /// MSRs from `set_state` that must wait until the TSC is in place (TSC_DEADLINE).
     after_tsc: Mutex<Vec<MsrEntry>>,
-    /// The CPUID last set, applied again once XCR0 is final (see [`KvmVcpu::size_xsave_area`]).
+    /// The CPUID last set, applied again once XCR0 is final (see [`KvmVcpu::size_xsave_area`]);
+    /// dropped at the first KVM_RUN, after which KVM accepts only the CPUID it already has.
     cpuid: Mutex<Option<kvm_bindings::CpuId>>,
 }
 
@@ -305,6 +306,11 @@ impl Vcpu for KvmVcpu {
     /// armed since (its vCPU would sleep for good). Dropped, not written: this runs on the
     /// vCPU thread, which has no business writing MSRs (and a VMM's seccomp filter may say so).
     fn run(&mut self) -> Result<VmExit<'_>, HypervisorError> {
+        // From the first KVM_RUN on KVM refuses a different CPUID: nothing to re-apply.
+        self.cpuid
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let pending = self.after_tsc.get_mut().unwrap_or_else(|e| e.into_inner());
         if !pending.is_empty() {
             log::debug!(
