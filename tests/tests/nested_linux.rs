@@ -12,6 +12,7 @@ mod vmm_support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
 use linux_support::*;
@@ -83,19 +84,10 @@ fn wait_console(h: &mut Hourglass, what: &str, timeout: Duration, cond: impl Fn(
 
 /// Pause the VM, snapshot it, and say where each vCPU stood (rip, mp_state).
 fn vcpu_positions(h: &Hourglass) -> String {
-    let snap = h.dir.join("where");
-    let url = format!(r#"{{"destination_url":"file://{}"}}"#, snap.display());
     let _ = h.api("PUT", "vm.pause", None);
-    let (code, body) = h.api("PUT", "vm.snapshot", Some(&url));
-    if code != 204 {
-        return format!("no snapshot: {code} {body}");
-    }
-    let state: serde_json::Value = match std::fs::read(snap.join("state.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-    {
-        Some(v) => v,
-        None => return "no readable state.json".into(),
+    let state = match h.snapshot_state(&h.dir.join("where")) {
+        Ok(v) => v,
+        Err(e) => return format!("no snapshot: {e}"),
     };
     state["vcpus"]
         .as_array()
@@ -116,11 +108,12 @@ fn vcpu_positions(h: &Hourglass) -> String {
         .unwrap_or_default()
 }
 
-/// Start `hourglass` with Debian's `kernel`, `initramfs` and [`CMDLINE`] on 2 vCPUs, 256 MiB.
-fn start_linux(tag: &str, kernel: &Path, initramfs: &Path) -> Hourglass {
+/// Start `hourglass` with Debian's `kernel`, `initramfs` and [`CMDLINE`] on `cpus` vCPUs,
+/// 256 MiB.
+fn start_linux(tag: &str, cpus: u32, kernel: &Path, initramfs: &Path) -> Hourglass {
     Hourglass::start_anywhere(
         tag,
-        2,
+        cpus,
         &[
             "--memory",
             "size=256M",
@@ -133,6 +126,25 @@ fn start_linux(tag: &str, kernel: &Path, initramfs: &Path) -> Hourglass {
         ],
         6,
     )
+}
+
+/// A Linux guest for `test`, running `init` on `cpus` vCPUs (the PVH `vmlinux` where the host
+/// has it, else the bzImage), with the lock that keeps the VMM tests apart and its scratch
+/// directory; `None` where the test is skipped (it said why).
+fn linux_guest(
+    test: &str,
+    init: Init,
+    cpus: u32,
+) -> Option<(MutexGuard<'static, ()>, PathBuf, Hourglass)> {
+    let lock = exclusive();
+    if skip(test) {
+        return None;
+    }
+    let kernel = nested_kernel("vmlinux").or_else(|| nested_kernel("vmlinuz"))?;
+    let dir = temp_dir(test);
+    let initramfs = write_initramfs(&dir, init);
+    let h = start_linux(test, cpus, &kernel, &initramfs);
+    Some((lock, dir, h))
 }
 
 /// Boot Debian's kernel `name` with our initramfs on 2 vCPUs and 256 MiB, and wait for `/init`
@@ -151,7 +163,7 @@ fn boots_to_init(name: &str, test: &str) {
     let dir = temp_dir(test);
     let initramfs = write_initramfs(&dir, Init::ExitSeven);
     let started = Instant::now();
-    let mut h = start_linux(test, &kernel, &initramfs);
+    let mut h = start_linux(test, 2, &kernel, &initramfs);
     wait_console(
         &mut h,
         "the kernel's report that /init ran and exited with status 7",
@@ -239,16 +251,9 @@ fn nested_linux_bzimage_boots_to_init() {
 #[test]
 fn nested_linux_snapshot_restore_keeps_the_guest_running() {
     let test = "nested_linux_snapshot_restore_keeps_the_guest_running";
-    let _x = exclusive();
-    if skip(test) {
-        return;
-    }
-    let Some(kernel) = nested_kernel("vmlinux").or_else(|| nested_kernel("vmlinuz")) else {
+    let Some((_x, dir, mut h)) = linux_guest(test, Init::Ticker, 2) else {
         return;
     };
-    let dir = temp_dir(test);
-    let initramfs = write_initramfs(&dir, Init::Ticker);
-    let mut h = start_linux(test, &kernel, &initramfs);
     let ticks = |text: &str| text.matches(TICK).count();
     wait_console(
         &mut h,
@@ -259,18 +264,7 @@ fn nested_linux_snapshot_restore_keeps_the_guest_running() {
     let (code, body) = h.api("PUT", "vm.pause", None);
     assert_eq!(code, 204, "{body}");
     let snap = dir.join("snap");
-    let (code, body) = h.api(
-        "PUT",
-        "vm.snapshot",
-        Some(&format!(
-            r#"{{"destination_url":"file://{}"}}"#,
-            snap.display()
-        )),
-    );
-    assert_eq!(code, 204, "{body}");
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(snap.join("state.json")).expect("state.json"))
-            .expect("state.json is JSON");
+    let state = h.snapshot_state(&snap).expect("a snapshot");
     assert!(
         state["irqchip"]["ioapic"]
             .as_array()
@@ -321,16 +315,9 @@ const CLOCK_COMPLAINTS: [&str; 6] = [
 #[test]
 fn nested_linux_pause_resume_and_live_migration_keep_the_guest_running() {
     let test = "nested_linux_pause_resume_and_live_migration_keep_the_guest_running";
-    let _x = exclusive();
-    if skip(test) {
-        return;
-    }
-    let Some(kernel) = nested_kernel("vmlinux").or_else(|| nested_kernel("vmlinuz")) else {
+    let Some((_x, dir, mut src)) = linux_guest(test, Init::Ticker, 2) else {
         return;
     };
-    let dir = temp_dir(test);
-    let initramfs = write_initramfs(&dir, Init::Ticker);
-    let mut src = start_linux(test, &kernel, &initramfs);
     let ticks = |text: &str| text.matches(TICK).count();
     wait_console(
         &mut src,
@@ -444,30 +431,9 @@ fn nested_vmm_soak_linux_busy_io_4_vcpus() {
 }
 
 fn soak_linux(test: &str, init: Init) {
-    let _x = exclusive();
-    if skip(test) {
-        return;
-    }
-    let Some(kernel) = nested_kernel("vmlinux").or_else(|| nested_kernel("vmlinuz")) else {
+    let Some((_x, dir, mut h)) = linux_guest(test, init, 4) else {
         return;
     };
-    let dir = temp_dir(test);
-    let initramfs = write_initramfs(&dir, init);
-    let mut h = Hourglass::start_anywhere(
-        test,
-        4,
-        &[
-            "--memory",
-            "size=256M",
-            "--kernel",
-            kernel.to_str().expect("utf-8"),
-            "--initramfs",
-            initramfs.to_str().expect("utf-8"),
-            "--cmdline",
-            CMDLINE,
-        ],
-        6,
-    );
     wait_console(&mut h, "the first tick", Duration::from_secs(240), |t| {
         t.contains(TICK)
     });

@@ -171,18 +171,7 @@ fn a_pvh_kernel_gets_its_command_line_and_initramfs_and_starts_alone() {
     // Paused: whatever the guest printed is all it will print.
     assert_eq!(h.serial_text(), expected, "printed once, by one vCPU");
     let snap = temp_dir("pvh-kernel-snap");
-    let (code, body) = h.api(
-        "PUT",
-        "vm.snapshot",
-        Some(&format!(
-            r#"{{"destination_url":"file://{}"}}"#,
-            snap.display()
-        )),
-    );
-    assert_eq!(code, 204, "{body}");
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(snap.join("state.json")).expect("state.json"))
-            .expect("state.json is JSON");
+    let state = h.snapshot_state(&snap).expect("a snapshot");
     let vcpus = state["vcpus"].as_array().expect("vcpus");
     assert_eq!(vcpus.len(), 2);
     // KVM_MP_STATE_RUNNABLE 0, UNINITIALIZED 1, INIT_RECEIVED 2, HALTED 3.

@@ -147,6 +147,19 @@ impl Hourglass {
             .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.stderr()))
     }
 
+    /// vm.snapshot into `dest` (the VM must be paused) and its `state.json`, parsed; the error
+    /// says what failed.
+    pub fn snapshot_state(&self, dest: &Path) -> Result<Value, String> {
+        let body = format!(r#"{{"destination_url":"file://{}"}}"#, dest.display());
+        let (code, answer) = self.api("PUT", "vm.snapshot", Some(&body));
+        if code != 204 {
+            return Err(format!("vm.snapshot answered {code}: {answer}"));
+        }
+        let bytes =
+            std::fs::read(dest.join("state.json")).map_err(|e| format!("state.json: {e}"))?;
+        serde_json::from_slice(&bytes).map_err(|e| format!("state.json is not JSON: {e}"))
+    }
+
     /// vm.info, or None while the API is not up.
     pub fn try_info(&self) -> Option<Value> {
         match vmm::api::client::api_request(&self.socket, "GET", "vm.info", None) {
