@@ -9,6 +9,8 @@ pub enum BusAction {
     None,
     /// Reset the VM (the guest asked, e.g. through the i8042).
     Reset,
+    /// Power the VM off (the guest entered ACPI S5).
+    PowerOff,
 }
 
 /// A device on the port-I/O bus. `offset` is relative to the base of the range it was inserted

@@ -1,9 +1,11 @@
-//! Emulated devices for Hourglass: the 16550 serial port, the i8042 (reset only), the time-probe
+//! Emulated devices for Hourglass: the 16550 serial port, the i8042 (reset only), ACPI's sleep
+//! control register (power off), the time-probe
 //! device the test guest reports to, and a small port-I/O bus. Each device has a serde state type
 //! for snapshots.
 
 #![deny(missing_docs)]
 
+pub mod acpi;
 pub mod bus;
 pub mod i8042;
 pub mod probe;

@@ -108,9 +108,9 @@ fn vcpu_positions(h: &Hourglass) -> String {
         .unwrap_or_default()
 }
 
-/// Start `hourglass` with Debian's `kernel`, `initramfs` and [`CMDLINE`] on `cpus` vCPUs,
+/// Start `hourglass` with Debian's `kernel`, `initramfs` and `cmdline` on `cpus` vCPUs,
 /// 256 MiB.
-fn start_linux(tag: &str, cpus: u32, kernel: &Path, initramfs: &Path) -> Hourglass {
+fn start_linux(tag: &str, cpus: u32, kernel: &Path, initramfs: &Path, cmdline: &str) -> Hourglass {
     Hourglass::start_anywhere(
         tag,
         cpus,
@@ -122,7 +122,7 @@ fn start_linux(tag: &str, cpus: u32, kernel: &Path, initramfs: &Path) -> Hourgla
             "--initramfs",
             initramfs.to_str().expect("utf-8"),
             "--cmdline",
-            CMDLINE,
+            cmdline,
         ],
         6,
     )
@@ -143,16 +143,45 @@ fn linux_guest(
     let kernel = nested_kernel("vmlinux").or_else(|| nested_kernel("vmlinuz"))?;
     let dir = temp_dir(test);
     let initramfs = write_initramfs(&dir, init);
-    let h = start_linux(test, cpus, &kernel, &initramfs);
+    let h = start_linux(test, cpus, &kernel, &initramfs, CMDLINE);
     Some((lock, dir, h))
 }
 
-/// Boot Debian's kernel `name` with our initramfs on 2 vCPUs and 256 MiB, and wait for `/init`
-/// to have run (the kernel's report of its exit status 7). Both vCPUs must have come online
-/// (the kernel found them in the MP tables and started vCPU 1 itself, INIT/SIPI), the LAPIC
-/// timer must be in use (TSC-deadline, no PIT here) and /init's own output must have reached
-/// the console (the UART's interrupt delivered).
-fn boots_to_init(name: &str, test: &str) {
+/// Seconds since 1970 on this host.
+fn host_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
+/// The value of the console line that starts with `label`, its `nth` occurrence; only whole
+/// lines count (the console file is read while the guest writes it: a line seen as `...tsc`
+/// may still be `...t`).
+fn reported<'a>(serial: &'a str, label: &str, nth: usize) -> Option<&'a str> {
+    serial
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.strip_prefix(label))
+        .nth(nth)
+        .map(str::trim_end)
+}
+
+/// Boot Debian's kernel `name` with our initramfs on 2 vCPUs and 256 MiB, its `/init` the
+/// report program (see linux_support): it reports the guest's date, online CPUs and
+/// clocksource, then does `then`. Checked from the console:
+/// - both vCPUs online (the kernel found them in the ACPI MADT and started vCPU 1 itself,
+///   INIT/SIPI), the report's `/sys/devices/system/cpu/online` is `0-1`;
+/// - the guest's date at /init is the host's (kvmclock's wall clock): between the host's
+///   seconds when hourglass started and when the line was seen;
+/// - the clocksource is `clocksource` (`tsc` by default, `kvm-clock` when the command line asks
+///   for it);
+/// - /init's output reached the console (the UART's interrupt delivered), the LAPIC timer is in
+///   use (TSC-deadline, no PIT here), and the kernel printed none of the complaints below.
+///
+/// Then: power off ends hourglass with status 0 and says so; a reboot boots the guest again in
+/// the same process (its console continues with a second report) and vm.info counts it.
+fn boots_to_init(name: &str, test: &str, extra_cmdline: &str, clocksource: &str, then: Then) {
     let _x = exclusive();
     if skip(test) {
         return;
@@ -161,15 +190,19 @@ fn boots_to_init(name: &str, test: &str) {
         return;
     };
     let dir = temp_dir(test);
-    let initramfs = write_initramfs(&dir, Init::ExitSeven);
+    let initramfs = write_initramfs(&dir, Init::Report(then));
+    let cmdline = format!("{CMDLINE} {extra_cmdline}");
+    let cmdline = cmdline.trim_end();
     let started = Instant::now();
-    let mut h = start_linux(test, 2, &kernel, &initramfs);
+    let started_secs = host_secs();
+    let mut h = start_linux(test, 2, &kernel, &initramfs, cmdline);
     wait_console(
         &mut h,
-        "the kernel's report that /init ran and exited with status 7",
+        "/init's report of the clocksource",
         Duration::from_secs(240),
-        |text| text.contains(INIT_EXITED),
+        |text| reported(text, REPORT_CLOCKSOURCE, 0).is_some(),
     );
+    let seen_secs = host_secs();
     let took = started.elapsed();
     let serial = h.serial_text();
     assert!(serial.contains(RUN_INIT), "{serial}");
@@ -177,8 +210,13 @@ fn boots_to_init(name: &str, test: &str) {
         serial.contains("smp: Brought up 1 node, 2 CPUs"),
         "vCPU 1 did not come online:\n{serial}"
     );
+    assert_eq!(reported(&serial, REPORT_ONLINE, 0), Some("0-1"), "{serial}");
     assert!(
-        serial.contains(&format!("Command line: {CMDLINE}")),
+        serial.contains("ACPI: RSDP 0x00000000000E0000"),
+        "the kernel did not find our ACPI tables:\n{serial}"
+    );
+    assert!(
+        serial.contains(&format!("Command line: {cmdline}")),
         "the kernel saw another command line:\n{serial}"
     );
     // /init's own write reaches the console only through the tty layer, which sends each
@@ -186,6 +224,18 @@ fn boots_to_init(name: &str, test: &str) {
     assert!(
         serial.contains(INIT_SAYS),
         "/init's output never reached the console (no serial interrupt?):\n{serial}"
+    );
+    let date: u64 = reported(&serial, REPORT_DATE, 0)
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("no date reported:\n{serial}"));
+    assert!(
+        (started_secs..=seen_secs).contains(&date),
+        "the guest's date {date} is not the host's ({started_secs} ..= {seen_secs})"
+    );
+    assert_eq!(
+        reported(&serial, REPORT_CLOCKSOURCE, 0),
+        Some(clocksource),
+        "{serial}"
     );
     assert!(
         !serial.contains("APIC timer disabled"),
@@ -198,6 +248,8 @@ fn boots_to_init(name: &str, test: &str) {
         "XSAVE consistency problem",
         "WARNING: CPU:",
         "TSC synchronization",
+        "ACPI BIOS Error",
+        "ACPI Error",
     ]
     .into_iter()
     .chain(CLOCK_COMPLAINTS)
@@ -208,6 +260,39 @@ fn boots_to_init(name: &str, test: &str) {
         "{name}: /init ran {:.1} s after hourglass started",
         took.as_secs_f64()
     );
+    match then {
+        Then::PowerOff => {
+            let st = h.wait_exit(Duration::from_secs(60));
+            assert_eq!(st.code(), Some(0), "{}", h.stderr());
+            let log = h.stderr();
+            assert!(log.contains("the guest powered off (ACPI S5"), "{log}");
+            assert!(
+                !h.serial_text().contains(INIT_EXITED),
+                "the power-off failed and /init exited"
+            );
+        }
+        Then::Reboot => {
+            wait_console(
+                &mut h,
+                "the report of the guest booted again",
+                Duration::from_secs(240),
+                |text| reported(text, REPORT_CLOCKSOURCE, 1).is_some(),
+            );
+            let text = h.serial_text();
+            assert!(text.contains("reboot: Restarting system"), "{text}");
+            assert_eq!(reported(&text, REPORT_ONLINE, 1), Some("0-1"), "{text}");
+            assert_eq!(reported(&text, REPORT_CLOCKSOURCE, 1), Some(clocksource));
+            assert!(
+                h.info()["reboots"].as_u64().unwrap_or(0) >= 1,
+                "{}",
+                h.info()
+            );
+            assert!(
+                h.child.try_wait().expect("try_wait").is_none(),
+                "still running"
+            );
+        }
+    }
     // What the kernel said about its clocks, CPUs and interrupts, for the record.
     for line in serial.lines().filter(|l| {
         [
@@ -215,6 +300,7 @@ fn boots_to_init(name: &str, test: &str) {
             "tsc",
             "TSC",
             "APIC",
+            "ACPI",
             "smp",
             "CPU",
             "timer",
@@ -222,8 +308,8 @@ fn boots_to_init(name: &str, test: &str) {
             "fpu",
             "XSAVE",
             "xstate",
-            "Kernel panic",
-            INIT_SAYS,
+            "reboot",
+            "HOURGLASS",
         ]
         .iter()
         .any(|k| l.contains(k))
@@ -233,14 +319,31 @@ fn boots_to_init(name: &str, test: &str) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The PVH entry, the default clocksource, and power off. The default is `tsc`, chosen by the
+/// guest itself (no `tsc=reliable`): the CPUID says the TSC is invariant (constant and
+/// non-stop), and Linux then ranks kvm-clock (299) below the TSC (300); it keeps the TSC only
+/// if its checks at boot find the vCPUs' TSCs in step.
 #[test]
 fn nested_linux_pvh_vmlinux_boots_to_init() {
-    boots_to_init("vmlinux", "nested_linux_pvh_vmlinux_boots_to_init");
+    boots_to_init(
+        "vmlinux",
+        "nested_linux_pvh_vmlinux_boots_to_init",
+        "",
+        "tsc",
+        Then::PowerOff,
+    );
 }
 
+/// The bzImage entry, kvm-clock when the command line asks for it, and a reboot.
 #[test]
 fn nested_linux_bzimage_boots_to_init() {
-    boots_to_init("vmlinuz", "nested_linux_bzimage_boots_to_init");
+    boots_to_init(
+        "vmlinuz",
+        "nested_linux_bzimage_boots_to_init",
+        "clocksource=kvm-clock",
+        "kvm-clock",
+        Then::Reboot,
+    );
 }
 
 /// A Linux guest whose `/init` ticks every 200 ms is snapshotted, its VMM killed, and the
@@ -469,13 +572,15 @@ fn nested_vmm_soak_test_guest_busy_4_vcpus() {
     println!("busy 4-vCPU test guest: alive after {} s", SOAK.as_secs());
 }
 
-/// Both `/init` programs, run on this host as the kernel would run them: the first prints its
+/// The `/init` programs, run on this host as the kernel would run them: the first prints its
 /// line and exits with status 7 (so a kernel that runs it reports exactly [`INIT_EXITED`]); the
-/// ticker prints its line, then ticks.
+/// ticker prints its line, then ticks; the report program reports this host's date, online
+/// CPUs and clocksource.
 #[test]
 fn the_init_programs_run_here() {
     use std::io::{BufRead, BufReader};
     use std::os::unix::fs::PermissionsExt;
+    check_report_code_is_its_source();
     let dir = temp_dir("linux-init");
     let write = |name: &str, init: Init| {
         let p = dir.join(name);
@@ -501,5 +606,43 @@ fn the_init_programs_run_here() {
     assert_eq!(first, INIT_SAYS);
     assert_eq!(second.expect("a tick").expect("utf-8"), TICK);
     assert_eq!(third.expect("a tick").expect("utf-8"), TICK);
+
+    // The report program, as an unprivileged user (uid/gid 65534 from the spawn itself, so it
+    // can neither mount nor reboot this host: its reboot fails and it exits 7). sysfs is
+    // already mounted here, so it reads this host's files.
+    use std::os::unix::process::CommandExt;
+    let report = write("report", Init::Report(Then::PowerOff));
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let out = Command::new(&report)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run the report init unprivileged");
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    assert_eq!(out.status.code(), Some(7), "reboot refused, exit 7: {text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert_eq!(lines[0], INIT_SAYS);
+    let date: u64 = lines[1]
+        .strip_prefix(REPORT_DATE)
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("a date line: {text}"));
+    assert!(
+        (before..=after).contains(&date),
+        "{before} <= {date} <= {after}"
+    );
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").expect("sysfs");
+    assert_eq!(lines[2], format!("{REPORT_ONLINE}{}", online.trim_end()));
+    let cs =
+        std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+            .expect("sysfs");
+    assert_eq!(lines[3], format!("{REPORT_CLOCKSOURCE}{}", cs.trim_end()));
     let _ = std::fs::remove_dir_all(&dir);
 }

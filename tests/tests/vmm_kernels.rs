@@ -234,3 +234,88 @@ fn a_file_that_is_no_kernel_is_refused_by_name() {
     assert!(err.contains("--kernel"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A PVH kernel that prints `off`, then powers off as an ACPI kernel does on a hardware-reduced
+/// platform: clear the wake status (0x80 to the sleep status register, port 0x601), then
+/// `SLP_TYP 5 << 2 | SLP_EN` (0x34) to the sleep control register (port 0x600).
+///
+/// ```text
+///     mov $0x3f8,%dx ; mov $'o',%al ; out %al,(%dx) ; mov $'f',%al ; out %al,(%dx)
+///     out %al,(%dx) ; mov $'\n',%al ; out %al,(%dx)
+///     mov $0x601,%dx ; mov $0x80,%al ; out %al,(%dx)
+///     mov $0x600,%dx ; mov $0x34,%al ; out %al,(%dx)
+/// 1:  cli ; hlt ; jmp 1b
+/// ```
+const POWER_OFF_CODE: [u8; 32] = [
+    0x66, 0xba, 0xf8, 0x03, 0xb0, 0x6f, 0xee, 0xb0, 0x66, 0xee, 0xee, 0xb0, 0x0a, 0xee, 0x66, 0xba,
+    0x01, 0x06, 0xb0, 0x80, 0xee, 0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xfa, 0xf4, 0xeb, 0xfc,
+];
+
+/// A PVH kernel that prints `up`, then resets through the FADT's reset register (0xfe to the
+/// i8042's command port, 0x64): every boot of it reboots at once.
+///
+/// ```text
+///     mov $0x3f8,%dx ; mov $'u',%al ; out %al,(%dx) ; mov $'p',%al ; out %al,(%dx)
+///     mov $'\n',%al ; out %al,(%dx) ; mov $0xfe,%al ; out %al,$0x64
+/// 1:  cli ; hlt ; jmp 1b
+/// ```
+const REBOOT_CODE: [u8; 21] = [
+    0x66, 0xba, 0xf8, 0x03, 0xb0, 0x75, 0xee, 0xb0, 0x70, 0xee, 0xb0, 0x0a, 0xee, 0xb0, 0xfe, 0xe6,
+    0x64, 0xfa, 0xf4, 0xeb, 0xfc,
+];
+
+/// `hourglass` with `kernel` on 2 vCPUs, waiting for nothing.
+fn spawn_kernel(tag: &str, kernel: &[u8]) -> Hourglass {
+    let dir = temp_dir(&format!("{tag}-image"));
+    let k = dir.join("kernel");
+    std::fs::write(&k, kernel).expect("write the kernel");
+    let mut cmd = Command::new(binary("hourglass"));
+    cmd.args(["--cpus", "boot=2", "--memory", "size=64M", "--kernel"])
+        .arg(&k);
+    Hourglass::spawn_cmd(cmd, tag)
+}
+
+/// The guest's power-off (ACPI S5) ends `hourglass` with status 0, after the guest's output,
+/// and the log says why.
+#[test]
+fn a_guest_power_off_ends_the_vmm_with_status_0() {
+    let _x = exclusive();
+    if skip("a_guest_power_off_ends_the_vmm_with_status_0") {
+        return;
+    }
+    let mut h = spawn_kernel("power-off", &pvh_elf(&POWER_OFF_CODE));
+    let st = h.wait_exit(Duration::from_secs(20));
+    let log = h.stderr();
+    assert_eq!(st.code(), Some(0), "{log}");
+    assert_eq!(h.serial_text(), "off\n");
+    assert!(
+        log.contains("the guest powered off (ACPI S5, vCPU 0)"),
+        "{log}"
+    );
+}
+
+/// The guest's reset reboots the VM in the same process (as Cloud Hypervisor does): the guest
+/// boots again and again, its console file continues (appended, not truncated), vm.info
+/// counts the reboots, and the API stays up until asked to stop.
+#[test]
+fn a_guest_reset_reboots_the_vm_in_the_same_process() {
+    let _x = exclusive();
+    if skip("a_guest_reset_reboots_the_vm_in_the_same_process") {
+        return;
+    }
+    let mut h = spawn_kernel("reboot", &pvh_elf(&REBOOT_CODE));
+    h.wait_until("three boots", Duration::from_secs(20), |h| {
+        h.try_info()
+            .is_some_and(|i| i["reboots"].as_u64().unwrap_or(0) >= 2)
+    });
+    let (code, body) = h.api("PUT", "vmm.shutdown", None);
+    assert_eq!(code, 204, "{body}");
+    let st = h.wait_exit(Duration::from_secs(20));
+    assert_eq!(st.code(), Some(0), "{}", h.stderr());
+    let serial = h.serial_text();
+    let boots = serial.lines().count();
+    assert!(boots >= 3, "every boot's line kept:\n{serial}");
+    assert!(serial.lines().all(|l| l == "up"), "{serial}");
+    let log = h.stderr();
+    assert!(log.contains("the guest rebooted (reboot 2)"), "{log}");
+}

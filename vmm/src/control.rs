@@ -143,6 +143,19 @@ impl Controller {
                             error!("VM stopped: {ev}");
                             break 1;
                         }
+                        // Cloud Hypervisor's choices: a reset reboots the VM, a power-off
+                        // ends the VMM with status 0.
+                        VmEvent::GuestReset(_) => match service.reboot() {
+                            Ok(()) => {}
+                            Err(e) => {
+                                error!("{ev}; the reboot failed: {e}");
+                                break 1;
+                            }
+                        },
+                        VmEvent::GuestPowerOff(_) => {
+                            info!("VM stopped: {ev}");
+                            break 0;
+                        }
                         _ => {
                             warn!("VM stopped: {ev}");
                             break 0;

@@ -21,6 +21,7 @@ pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -56,6 +57,12 @@ pub struct Vmm {
     migration: migration::SharedProgress,
     /// An outgoing migration is running.
     migrating: std::sync::atomic::AtomicBool,
+    /// Set when the VM's events stop counting (its forwarding thread drops them): the VM is
+    /// being replaced by a reboot. `None` for a VM whose events come another way (received by
+    /// migration).
+    retired: Mutex<Option<Arc<AtomicBool>>>,
+    /// Times the guest rebooted (`vm.info`'s `reboots`).
+    reboots: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -104,20 +111,27 @@ pub fn memory_mode_from_api(m: MemoryRestoreMode) -> MemoryMode {
 
 /// The VM's own events, passed on as [`VmmEvent::Vm`] (the one forwarding thread: vCPU threads
 /// report on a channel of their own).
-fn forward_vm_events(events: EventSender) -> Result<Sender<VmEvent>, VmError> {
+/// Events arriving once `retired` is set are dropped: they come from a VM a reboot replaces.
+fn forward_vm_events(events: EventSender) -> Result<(Sender<VmEvent>, Arc<AtomicBool>), VmError> {
     let (vm_tx, vm_rx) = std::sync::mpsc::channel::<VmEvent>();
+    let retired = Arc::new(AtomicBool::new(false));
+    let gone = retired.clone();
     std::thread::Builder::new()
         .name("vm-events".into())
         .spawn(move || {
             crate::seccomp::enter(crate::seccomp::ThreadKind::Signal);
             while let Ok(ev) = vm_rx.recv() {
+                if gone.load(Ordering::SeqCst) {
+                    log::debug!("dropped an event of a VM that was rebooted: {ev}");
+                    continue;
+                }
                 if !events.send(VmmEvent::Vm(ev)) {
                     break;
                 }
             }
         })
         .map_err(VmError::Thread)?;
-    Ok(vm_tx)
+    Ok((vm_tx, retired))
 }
 
 impl Vmm {
@@ -129,9 +143,34 @@ impl Vmm {
         events: impl Into<EventSender>,
     ) -> Result<Self, VmError> {
         let events = events.into();
-        let vm_tx = forward_vm_events(events.clone())?;
+        let (vm_tx, retired) = forward_vm_events(events.clone())?;
         let vm = Vm::boot(hv, config, vm_tx)?;
-        Ok(Self::from_vm(vm, events))
+        Ok(Self::adopt(vm, events, retired))
+    }
+
+    /// The guest asked for a reset: stop this VM and boot a new one from the same
+    /// configuration on `hv` (Cloud Hypervisor reboots too; its process exits only on power
+    /// off). The serial output goes on where it was (a file is appended to, not truncated).
+    /// Events the old VM still sends are dropped. On error the old VM stays stopped and the
+    /// error says why: the caller ends the VMM.
+    pub fn reboot(&self, hv: Arc<dyn Hypervisor>) -> Result<(), VmError> {
+        let mut vm = self.vm();
+        let config = vm.config().clone();
+        if let Some(r) = self
+            .retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            r.store(true, Ordering::SeqCst);
+        }
+        vm.shutdown();
+        let (vm_tx, retired) = forward_vm_events(self.events.clone())?;
+        *vm = Vm::boot_again(hv, config, vm_tx)?;
+        *self.retired.lock().unwrap_or_else(|e| e.into_inner()) = Some(retired);
+        let n = self.reboots.fetch_add(1, Ordering::SeqCst) + 1;
+        info!("the guest rebooted (reboot {n})");
+        Ok(())
     }
 
     /// Restore a VM from the snapshot `cfg.source_url` names (`hourglass --restore` and
@@ -157,7 +196,7 @@ impl Vmm {
             serial,
             policy: cfg.clock_policy,
         };
-        let vm_tx = forward_vm_events(events.clone())?;
+        let (vm_tx, retired) = forward_vm_events(events.clone())?;
         let mut vm = Vm::restore(hv, &snap, &opts, vm_tx)?;
         if cfg.resume {
             vm.resume(None)?;
@@ -167,16 +206,25 @@ impl Vmm {
             dir.display(),
             if cfg.resume { "running" } else { "paused" }
         );
-        Ok(Self::from_vm(vm, events))
+        Ok(Self::adopt(vm, events, retired))
     }
 
-    /// A VMM around a VM built elsewhere (a received migration).
+    /// A VMM around `vm`, whose events [`forward_vm_events`] forwards with `retired`.
+    fn adopt(vm: Vm, events: EventSender, retired: Arc<AtomicBool>) -> Self {
+        let vmm = Self::from_vm(vm, events);
+        *vmm.retired.lock().unwrap_or_else(|e| e.into_inner()) = Some(retired);
+        vmm
+    }
+
+    /// A VMM around a VM built elsewhere (an embedder's).
     pub fn from_vm(vm: Vm, events: impl Into<EventSender>) -> Self {
         Self {
             vm: Mutex::new(vm),
             events: events.into(),
             migration: Default::default(),
             migrating: Default::default(),
+            retired: Mutex::new(None),
+            reboots: Default::default(),
         }
     }
 
@@ -244,6 +292,7 @@ impl Vmm {
             "time_probe": vm.probe_report(),
             "pause_stats": vm.stats(),
             "migration": migration,
+            "reboots": self.reboots.load(Ordering::SeqCst),
         })
     }
 
@@ -399,6 +448,14 @@ impl Service {
         self.vmm.get().cloned()
     }
 
+    /// Reboot the VM (the guest asked for a reset): see [`Vmm::reboot`].
+    pub fn reboot(&self) -> Result<(), VmError> {
+        match self.vmm() {
+            Some(v) => v.reboot(self.hv.clone()),
+            None => Err(VmError::Config("no VM to reboot".into())),
+        }
+    }
+
     fn events(&self) -> EventSender {
         self.events.clone()
     }
@@ -444,7 +501,8 @@ impl ApiHandler for Service {
                     .map_err(|e| ApiError::bad_request(what).caused_by(e))?;
                 let ep = migration::source::endpoint(&url);
                 info!("API: vm.receive-migration on {ep}");
-                let vm_tx = forward_vm_events(self.events()).map_err(|e| chain(500, what, &e))?;
+                let (vm_tx, retired) =
+                    forward_vm_events(self.events()).map_err(|e| chain(500, what, &e))?;
                 let policy = cfg
                     .clock_policy
                     .unwrap_or(hypervisor::tsc::ClockPolicy::Wallclock);
@@ -464,7 +522,7 @@ impl ApiHandler for Service {
                     zero_pages: report.zero_pages,
                     total_ns: u64::try_from(report.total.as_nanos()).unwrap_or(u64::MAX),
                 });
-                self.set(Arc::new(Vmm::from_vm(vm, self.events())));
+                self.set(Arc::new(Vmm::adopt(vm, self.events(), retired)));
                 Ok(ApiResponse::Empty)
             }
             other => {

@@ -126,6 +126,22 @@ pub fn place_initramfs(size: u64, kernel_end: u64, top: u64) -> Result<GuestAddr
 }
 
 /// The end of RAM below the 32-bit hole for a guest of `mem_size` bytes.
+/// The firmware's reset vector (F000:FFF0), as this VM's firmware: `mov $0xfe,%al ;
+/// out %al,$0x64 ; 1: cli ; hlt ; jmp 1b` (the i8042 reset). A kernel that restarts through
+/// the BIOS jumps here in real mode: Linux does when its other ways fail, and on a
+/// hardware-reduced ACPI platform without EFI it tries EFI, then the BIOS, before the
+/// reset register (arch/x86/kernel/reboot.c). Without it the jump runs zeros.
+pub const RESET_VECTOR_CODE: [u8; 8] = [0xb0, 0xfe, 0xe6, 0x64, 0xfa, 0xf4, 0xeb, 0xfc];
+
+/// Write [`RESET_VECTOR_CODE`] at [`layout::RESET_VECTOR`].
+pub fn write_reset_vector(mem: &GuestMemoryMmap) -> Result<()> {
+    mem.write_slice(&RESET_VECTOR_CODE, layout::RESET_VECTOR)
+        .map_err(|source| Error::GuestMemory {
+            what: "the reset vector",
+            source,
+        })
+}
+
 fn low_ram_top(mem_size: u64) -> u64 {
     mem_size.min(layout::MEM_32BIT_GAP_START)
 }
@@ -232,6 +248,8 @@ pub fn load_payload(
 
     super::regs::write_gdt(mem, mode)?;
     super::mptable::write(mem, vcpus)?;
+    let rsdp = Some(super::acpi::write(mem, vcpus)?);
+    write_reset_vector(mem)?;
     match hdr {
         None => loader::configure_pvh(
             mem,
@@ -239,11 +257,16 @@ pub fn load_payload(
             &PvhExtras {
                 cmdline,
                 module: initramfs,
+                rsdp,
             },
         )?,
         Some(hdr) => {
-            let params =
-                linux::boot_params_for(&hdr, mem_size, &LinuxExtras { cmdline, initramfs })?;
+            let extras = LinuxExtras {
+                cmdline,
+                initramfs,
+                rsdp,
+            };
+            let params = linux::boot_params_for(&hdr, mem_size, &extras)?;
             linux::write_boot_params(mem, &params)?;
             linux::write_page_tables(mem)?;
         }
@@ -332,6 +355,19 @@ mod tests {
         assert_eq!(&c, b"console=ttyS0 quiet\0");
         let first: u8 = m.read_obj(GuestAddress(at)).unwrap();
         assert_eq!(first, 0xab);
+        // The platform around the kernel: the RSDP the start info names, and the reset vector.
+        assert_eq!(info.rsdp_paddr, 0xe_0000);
+        let mut sig = [0u8; 8];
+        m.read_slice(&mut sig, GuestAddress(info.rsdp_paddr))
+            .unwrap();
+        assert_eq!(&sig, b"RSD PTR ");
+        let mut rv = [0u8; 4];
+        m.read_slice(&mut rv, GuestAddress(0xf_fff0)).unwrap();
+        assert_eq!(
+            rv,
+            [0xb0, 0xfe, 0xe6, 0x64],
+            "mov $0xfe,%al ; out %al,$0x64"
+        );
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //!   0xfff0     Linux boot stack pointer (bzImage; grows down into 0xf000)
 //!   0x2_0000   kernel command line (NUL-terminated, at most 64 KiB)
 //!   0x9_fc00   end of low RAM in the memory map (EBDA above, reserved)
+//!   0xe_0000   ACPI tables (RSDP, XSDT, FADT, DSDT, MADT; reserved)
 //!   0xf_0000   MP tables (floating pointer, then the configuration table; reserved)
+//!   0xf_fff0   the reset vector: a jump here resets the VM (i8042 0xfe)
 //! 0x0010_0000  guest image (ELF segments at their physical addresses, normally 1 MiB; a
 //!              bzImage's protected-mode code at its code32_start, 1 MiB)
 //!   ...        RAM up to min(size, 3 GiB); the initramfs at the top of it, page aligned
@@ -49,8 +51,22 @@ pub const BOOT_STACK_POINTER: GuestAddress = GuestAddress(0xfff0);
 pub const CMDLINE_START: GuestAddress = GuestAddress(0x2_0000);
 /// The room for the command line, its terminating NUL included.
 pub const CMDLINE_MAX_SIZE: u64 = 0x1_0000;
+/// Where the ACPI tables go, the RSDP first: the BIOS area a kernel scans for it.
+pub const ACPI_START: GuestAddress = GuestAddress(0xe_0000);
+/// The room for the ACPI tables (up to the MP tables).
+pub const ACPI_MAX_SIZE: u64 = MPTABLE_START.0 - ACPI_START.0;
+/// The ACPI sleep control register's port; the sleep status register is the next one. Port
+/// 0x600 is where QEMU's q35 puts its PM block; nothing else here uses it.
+pub const ACPI_SLEEP_PORT: u16 = 0x600;
+/// The port the FADT's reset register names: the i8042's command port.
+pub const RESET_PORT: u16 = 0x64;
+/// The value written to [`RESET_PORT`] to reset: the i8042's CPU-reset command.
+pub const RESET_VALUE: u8 = 0xfe;
 /// Where the MP tables go: the BIOS area a kernel scans for the floating pointer.
 pub const MPTABLE_START: GuestAddress = GuestAddress(0xf_0000);
+/// The reset vector (F000:FFF0): 16 bytes below 1 MiB, where a CPU leaving reset (or a kernel
+/// restarting through the BIOS) starts; the VM's "firmware" there resets the VM.
+pub const RESET_VECTOR: GuestAddress = GuestAddress(0xf_fff0);
 /// End of usable low RAM (the EBDA and the legacy ROM area sit above it).
 pub const LOW_RAM_END: u64 = 0x9_fc00;
 /// Where guest images are loaded (ELF images give their own physical addresses; they must be at
@@ -79,6 +95,8 @@ const _: () = {
     assert!(MEMMAP_START.0 + (MEMMAP_MAX_ENTRIES as u64) * 24 <= LOW_RAM_END);
     assert!(LOW_RAM_END <= HIGH_RAM_START.0);
     assert!(LOW_RAM_END <= MPTABLE_START.0 && MPTABLE_START.0 < HIGH_RAM_START.0);
+    assert!(LOW_RAM_END <= ACPI_START.0 && ACPI_START.0 < MPTABLE_START.0);
+    assert!(RESET_VECTOR.0 + 16 == HIGH_RAM_START.0);
 };
 
 /// The RAM regions `(start, size)` for a guest of `size` bytes: one region below the 32-bit hole

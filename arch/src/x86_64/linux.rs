@@ -84,6 +84,8 @@ pub struct LinuxExtras {
     pub cmdline: Option<GuestAddress>,
     /// The initramfs (already in guest memory) and its size.
     pub initramfs: Option<(GuestAddress, u64)>,
+    /// The ACPI RSDP (`acpi_rsdp_addr`, boot protocol 2.14; older kernels scan for it).
+    pub rsdp: Option<GuestAddress>,
 }
 
 /// `boot_params` for the kernel of `hdr` (as linux-loader returned it: `code32_start` set to
@@ -110,6 +112,9 @@ pub fn boot_params_for(
         p.ext_ramdisk_image = (a >> 32) as u32;
         p.hdr.ramdisk_size = size as u32;
         p.ext_ramdisk_size = (size >> 32) as u32;
+    }
+    if let Some(rsdp) = extras.rsdp {
+        p.acpi_rsdp_addr = rsdp.raw_value();
     }
     let map = e820_map(mem_size)?;
     if map.len() > p.e820_table.len() {
@@ -230,12 +235,14 @@ mod tests {
         let extras = LinuxExtras {
             cmdline: Some(layout::CMDLINE_START),
             initramfs: Some((GuestAddress(0x1f00_0000), 0x12_3456)),
+            rsdp: Some(layout::ACPI_START),
         };
         let p = boot_params_for(&hdr, 512 << 20, &extras).unwrap();
         let h = p.hdr;
         assert_eq!({ h.header }, HDRS_MAGIC);
         assert_eq!({ h.boot_flag }, 0xaa55);
         assert_eq!(h.type_of_loader, 0xff);
+        assert_eq!({ p.acpi_rsdp_addr }, 0xe_0000);
         assert_eq!(h.loadflags & LOADED_HIGH, LOADED_HIGH);
         assert_eq!({ h.cmd_line_ptr }, 0x2_0000);
         assert_eq!(

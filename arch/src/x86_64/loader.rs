@@ -169,6 +169,8 @@ pub struct PvhExtras {
     /// The one module (`modlist_paddr`, `nr_modules` = 1): the initramfs at this address and of
     /// this size, already in guest memory.
     pub module: Option<(GuestAddress, u64)>,
+    /// The ACPI RSDP (`rsdp_paddr`), already in guest memory.
+    pub rsdp: Option<GuestAddress>,
 }
 
 /// Write the PVH `hvm_start_info` at [`layout::PVH_INFO_START`], the memory map at
@@ -181,6 +183,7 @@ pub fn configure_pvh(mem: &GuestMemoryMmap, mem_size: u64, extras: &PvhExtras) -
         memmap_paddr: layout::MEMMAP_START.raw_value(),
         memmap_entries: map.len() as u32,
         cmdline_paddr: extras.cmdline.map_or(0, |a| a.raw_value()),
+        rsdp_paddr: extras.rsdp.map_or(0, |a| a.raw_value()),
         ..Default::default()
     };
     if extras.module.is_some() {
@@ -387,10 +390,12 @@ mod tests {
         let extras = PvhExtras {
             cmdline: Some(layout::CMDLINE_START),
             module: Some((GuestAddress(0x3f0_0000), 0x1234)),
+            rsdp: Some(layout::ACPI_START),
         };
         configure_pvh(&m, size, &extras).unwrap();
         let info: hvm_start_info = m.read_obj(layout::PVH_INFO_START).unwrap();
         assert_eq!(info.cmdline_paddr, 0x2_0000);
+        assert_eq!(info.rsdp_paddr, 0xe_0000);
         assert_eq!((info.nr_modules, info.modlist_paddr), (1, 0x6400));
         let e: hvm_modlist_entry = m.read_obj(GuestAddress(0x6400)).unwrap();
         assert_eq!((e.paddr, e.size, e.cmdline_paddr), (0x3f0_0000, 0x1234, 0));

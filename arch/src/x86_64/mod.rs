@@ -1,5 +1,6 @@
 //! x86_64 guest setup.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod layout;

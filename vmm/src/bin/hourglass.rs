@@ -4,6 +4,10 @@
 //! The main thread becomes the control thread (`vmm::control`): it boots or restores the VM and
 //! runs every API request; API connection threads only speak HTTP. Each thread kind has its own
 //! seccomp filter (`--seccomp`, see `vmm::seccomp`).
+//!
+//! With `--serial tty` the guest's console is interactive: the VMM's stdin goes to the serial
+//! port, and a terminal is in raw mode while the VMM runs; every way out of `main` (a normal or
+//! an error exit, SIGINT/SIGTERM, a panic of the main thread) puts it back as it was.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +22,7 @@ use vmm::config::{
 };
 use vmm::control::Controller;
 use vmm::seccomp::{self, SeccompMode, ThreadKind};
+use vmm::vm::DeviceManager;
 use vmm::{Service, Vmm};
 
 /// Hourglass: a KVM VMM that keeps guest time (TSC, kvmclock) right across pause/resume,
@@ -133,9 +138,27 @@ fn main() {
         _ => "trace",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
-    if let Err(e) = run(cli) {
-        eprintln!("hourglass: {e:#}");
-        std::process::exit(1);
+    let terminal = TerminalGuard;
+    let result = run(cli);
+    // Before the exit below, which runs no destructor.
+    drop(terminal);
+    match result {
+        Ok(0) => {}
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("hourglass: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Puts the terminal back in its mode from before the console's raw mode when dropped (also
+/// when the main thread unwinds from a panic).
+struct TerminalGuard;
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        DeviceManager::restore_terminal();
     }
 }
 
@@ -147,7 +170,8 @@ fn parse_restore(s: &str) -> std::result::Result<vmm::api::RestoreConfig, String
     vmm::api::RestoreConfig::from_options(s).map_err(|e| e.to_string())
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// Run the VMM; the process's exit status.
+fn run(cli: Cli) -> Result<i32> {
     if let Some(path) = &cli.write_guest {
         std::fs::write(path, guest::GUEST_ELF)
             .with_context(|| format!("cannot write the guest to {}", path.display()))?;
@@ -156,7 +180,7 @@ fn run(cli: Cli) -> Result<()> {
             guest::GUEST_ELF.len(),
             path.display()
         );
-        return Ok(());
+        return Ok(0);
     }
     let defaults = VmConfig::default();
     let config = VmConfig {
@@ -180,6 +204,8 @@ fn run(cli: Cli) -> Result<()> {
     vmm::signal::install_sigbus_handler().context("cannot install the SIGBUS report")?;
     let exit_evt =
         vmm::signal::install_exit_handlers().context("cannot install SIGINT/SIGTERM handlers")?;
+    // A VM whose serial output is the terminal gets the VMM's stdin as its console input.
+    DeviceManager::enable_stdin_console();
     let controller = Controller::new();
     controller
         .watch_exit_signals(exit_evt)
@@ -228,8 +254,5 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(s) = server {
         s.shutdown();
     }
-    if code != 0 {
-        std::process::exit(code);
-    }
-    Ok(())
+    Ok(code)
 }

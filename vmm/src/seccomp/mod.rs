@@ -13,14 +13,16 @@
 //! list must hold everything the threads it spawns need before they install their own:
 //!
 //! - the control thread (the main thread of `hourglass`) spawns vCPU threads (boot, restore),
-//!   the migration sender and receiver threads and the `vm-events` forwarder, so its list is the
-//!   union of its own needs and those of [`ThreadKind::Vcpu`], [`ThreadKind::MigrationSend`],
-//!   [`ThreadKind::MigrationRecv`] and [`ThreadKind::Signal`];
-//! - the migration receiver spawns the received VM's vCPU threads and its `vm-events` forwarder:
-//!   its list includes [`ThreadKind::Vcpu`]'s and [`ThreadKind::Signal`]'s;
+//!   the migration sender and receiver threads, the `vm-events` forwarder and the `stdin`
+//!   thread, so its list is the union of its own needs and those of [`ThreadKind::Vcpu`],
+//!   [`ThreadKind::MigrationSend`], [`ThreadKind::MigrationRecv`], [`ThreadKind::Signal`] and
+//!   [`ThreadKind::Stdin`];
+//! - the migration receiver spawns the received VM's vCPU threads, its `vm-events` forwarder and
+//!   (the first VM with a terminal console) the `stdin` thread: its list includes
+//!   [`ThreadKind::Vcpu`]'s, [`ThreadKind::Signal`]'s and [`ThreadKind::Stdin`]'s;
 //! - the API accept thread spawns connection threads of its own kind (nothing more: API
 //!   connection threads only speak HTTP and hand each request to the control thread);
-//! - vCPU, migration sender and signal threads spawn nothing.
+//! - vCPU, migration sender, signal and stdin threads spawn nothing.
 //!
 //! [`union_is_closed`] checks these inclusions, and a unit test runs it.
 //!
@@ -50,8 +52,8 @@ mod sigsys;
 mod tests;
 
 pub use rules::{
-    api_rules, control_rules, migration_recv_rules, migration_send_rules, signal_rules, vcpu_rules,
-    KindRules,
+    api_rules, control_rules, migration_recv_rules, migration_send_rules, signal_rules,
+    stdin_rules, vcpu_rules, KindRules,
 };
 pub use sigsys::install_sigsys_handler;
 use sigsys::remember_thread_name;
@@ -97,17 +99,20 @@ pub enum ThreadKind {
     MigrationRecv,
     /// The signal thread and the small event forwarders (`vm-events`).
     Signal,
+    /// The thread that reads the VMM's standard input into the serial port (`--serial tty`).
+    Stdin,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         Self::Vcpu,
         Self::Api,
         Self::Control,
         Self::MigrationSend,
         Self::MigrationRecv,
         Self::Signal,
+        Self::Stdin,
     ];
 
     /// The kind's name (as `HOURGLASS_SECCOMP_SELFTEST` spells it).
@@ -119,6 +124,7 @@ impl ThreadKind {
             Self::MigrationSend => "migration-send",
             Self::MigrationRecv => "migration-recv",
             Self::Signal => "signal",
+            Self::Stdin => "stdin",
         }
     }
 
@@ -136,10 +142,11 @@ impl ThreadKind {
                 Self::MigrationRecv,
                 Self::Signal,
                 Self::Api,
+                Self::Stdin,
             ],
-            Self::MigrationRecv => &[Self::Vcpu, Self::Signal],
+            Self::MigrationRecv => &[Self::Vcpu, Self::Signal, Self::Stdin],
             Self::Api => &[Self::Api],
-            Self::Vcpu | Self::MigrationSend | Self::Signal => &[],
+            Self::Vcpu | Self::MigrationSend | Self::Signal | Self::Stdin => &[],
         }
     }
 
@@ -152,6 +159,7 @@ impl ThreadKind {
             Self::MigrationSend => migration_send_rules(),
             Self::MigrationRecv => migration_recv_rules(),
             Self::Signal => signal_rules(),
+            Self::Stdin => stdin_rules(),
         }
     }
 }

@@ -194,6 +194,20 @@ macro_rules! ioctl_list {
 /// Terminal ioctls of the control thread (is stderr a terminal, for the logger's colours).
 const TTY_IOCTLS: &[(&str, u64)] = &[("TCGETS", libc::TCGETS), ("TIOCGWINSZ", libc::TIOCGWINSZ)];
 
+/// What the thread that creates a VM with a terminal console (`--serial tty`) does to the
+/// VMM's stdin the first time: is it a terminal, is this process in its foreground (`tcgetpgrp`
+/// against `getpgrp`, which glibc may make as `getpgid(0)`), and raw mode (`tcgetattr`,
+/// `tcsetattr`); the control thread restores the mode at exit.
+fn console_setup_rules() -> KindRules {
+    KindRules::default()
+        .sys(&[libc::SYS_getpgrp, libc::SYS_getpgid])
+        .io(&[
+            ("TCGETS", libc::TCGETS),
+            ("TCSETS", libc::TCSETS),
+            ("TIOCGPGRP", libc::TIOCGPGRP),
+        ])
+}
+
 /// What every thread needs: memory, locks and sleeps, time, thread exit, and the calls the
 /// SIGSYS handler and the logger make (write to stderr, reset and raise the signal).
 fn base_rules() -> KindRules {
@@ -296,6 +310,13 @@ pub fn api_rules() -> KindRules {
             SYS_fcntl,
         ])
         .refuse(OPEN_CALLS)
+}
+
+/// The stdin thread: reads the VMM's standard input and queues it for the serial port (blocking
+/// on the device's queue while it is full, raising its interrupt through the eventfd). It
+/// spawns nothing.
+pub fn stdin_rules() -> KindRules {
+    base_rules().sys(&[libc::SYS_read]).refuse(OPEN_CALLS)
 }
 
 /// The signal thread and the event forwarders: read the eventfd the SIGINT/SIGTERM handler
@@ -443,8 +464,9 @@ pub fn migration_send_rules() -> KindRules {
 }
 
 /// The migration receiver: listens, builds the VM from the frames (guest RAM, vCPUs, state),
-/// thaws its time. It spawns the received VM's vCPU threads and `vm-events` forwarder, so it
-/// includes [`vcpu_rules`] and [`signal_rules`].
+/// thaws its time. It spawns the received VM's vCPU threads and `vm-events` forwarder, and the
+/// stdin thread (with the terminal in raw mode) if it builds the first VM with a terminal
+/// console, so it includes [`vcpu_rules`], [`signal_rules`] and [`stdin_rules`].
 pub fn migration_recv_rules() -> KindRules {
     use libc::*;
     base_rules()
@@ -452,6 +474,8 @@ pub fn migration_recv_rules() -> KindRules {
         .with(socket_rules())
         .with(vcpu_rules())
         .with(signal_rules())
+        .with(stdin_rules())
+        .with(console_setup_rules())
         .sys(&[
             SYS_openat,
             SYS_open,
@@ -464,8 +488,9 @@ pub fn migration_recv_rules() -> KindRules {
 
 /// The control thread (`hourglass`'s main thread): boots or restores the VM, runs every API
 /// request (pause and resume with their time freeze and thaw, snapshot files, shutdown), and
-/// spawns the vCPU, migration and forwarder threads, so it includes [`vcpu_rules`],
-/// [`migration_send_rules`], [`migration_recv_rules`] and [`signal_rules`].
+/// spawns the vCPU, migration, forwarder and stdin threads, so it includes [`vcpu_rules`],
+/// [`migration_send_rules`], [`migration_recv_rules`], [`signal_rules`] and [`stdin_rules`]. It
+/// puts the terminal in raw mode for a terminal console and restores it at exit.
 pub fn control_rules() -> KindRules {
     use libc::*;
     base_rules()
@@ -475,6 +500,8 @@ pub fn control_rules() -> KindRules {
         .with(migration_recv_rules())
         .with(signal_rules())
         .with(api_rules())
+        .with(stdin_rules())
+        .with(console_setup_rules())
         .sys(&[
             SYS_openat,
             SYS_open,

@@ -34,6 +34,7 @@ fn file_opening_is_refused_only_where_no_file_is_opened() {
         ThreadKind::Api,
         ThreadKind::Signal,
         ThreadKind::MigrationSend,
+        ThreadKind::Stdin,
     ] {
         let r = k.rules();
         assert!(r.refused.contains(&libc::SYS_openat), "{k:?}");
@@ -101,4 +102,36 @@ fn every_kind_allows_what_the_kernel_injects_after_a_stop() {
             k.name()
         );
     }
+}
+
+#[test]
+fn the_stdin_thread_reads_and_nothing_more_and_its_spawners_set_up_the_terminal() {
+    let r = stdin_rules();
+    assert!(r.allows_syscall(libc::SYS_read));
+    assert!(
+        r.ioctls.is_empty(),
+        "no ioctl: raw mode is set by the spawner"
+    );
+    for nr in [
+        libc::SYS_socket,
+        libc::SYS_clone,
+        libc::SYS_clone3,
+        libc::SYS_eventfd2,
+    ] {
+        assert!(!r.allows_syscall(nr), "{nr}");
+    }
+    // Control and the migration receiver create VMs with a terminal console: they spawn the
+    // stdin thread and put the terminal in raw mode (and control restores it).
+    for k in [ThreadKind::Control, ThreadKind::MigrationRecv] {
+        assert!(k.spawns().contains(&ThreadKind::Stdin), "{k:?}");
+        let r = k.rules();
+        for (name, nr) in [
+            ("TCGETS", libc::TCGETS),
+            ("TCSETS", libc::TCSETS),
+            ("TIOCGPGRP", libc::TIOCGPGRP),
+        ] {
+            assert!(r.ioctls.iter().any(|&(_, n)| n == nr), "{k:?}: {name}");
+        }
+    }
+    assert!(!vcpu_rules().ioctls.iter().any(|&(_, n)| n == libc::TCSETS));
 }

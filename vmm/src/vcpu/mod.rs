@@ -55,8 +55,10 @@ use park::ParkCache;
 pub enum VmEvent {
     /// The guest shut down (triple fault or shutdown exit).
     GuestShutdown(u32),
-    /// The guest asked for a reset (i8042 0xFE or a reset exit); Hourglass does not reboot.
+    /// The guest asked for a reset (i8042 0xFE, the ACPI reset register, or a reset exit).
     GuestReset(u32),
+    /// The guest powered off (ACPI S5 through the sleep control register).
+    GuestPowerOff(u32),
     /// A vCPU failed.
     VcpuError(u32, String),
 }
@@ -66,6 +68,7 @@ impl std::fmt::Display for VmEvent {
         match self {
             VmEvent::GuestShutdown(id) => write!(f, "the guest shut down (vCPU {id})"),
             VmEvent::GuestReset(id) => write!(f, "the guest asked for a reset (vCPU {id})"),
+            VmEvent::GuestPowerOff(id) => write!(f, "the guest powered off (ACPI S5, vCPU {id})"),
             VmEvent::VcpuError(id, what) => write!(f, "vCPU {id} failed: {what}"),
         }
     }
@@ -526,6 +529,11 @@ fn run_until_leave(id: u32, vcpu: &mut dyn Vcpu, shared: &Shared) -> Leave {
                     Some(BusAction::Reset) => {
                         info!("vCPU {id}: the guest asked for a reset (i8042)");
                         shared.send(VmEvent::GuestReset(id));
+                        return Leave::Exit;
+                    }
+                    Some(BusAction::PowerOff) => {
+                        info!("vCPU {id}: the guest powered off (ACPI S5)");
+                        shared.send(VmEvent::GuestPowerOff(id));
                         return Leave::Exit;
                     }
                     Some(BusAction::None) => {}

@@ -175,6 +175,25 @@ impl Vm {
         config: VmConfig,
         events: Sender<VmEvent>,
     ) -> Result<Self, VmError> {
+        Self::boot_fresh(hv, config, events, false)
+    }
+
+    /// As [`Vm::boot`], for a VM that replaces one the guest rebooted: the serial output goes
+    /// on where the last boot's stopped (a file is appended to).
+    pub fn boot_again(
+        hv: Arc<dyn Hypervisor>,
+        config: VmConfig,
+        events: Sender<VmEvent>,
+    ) -> Result<Self, VmError> {
+        Self::boot_fresh(hv, config, events, true)
+    }
+
+    fn boot_fresh(
+        hv: Arc<dyn Hypervisor>,
+        config: VmConfig,
+        events: Sender<VmEvent>,
+        again: bool,
+    ) -> Result<Self, VmError> {
         let n = config.cpus.boot_vcpus;
         let size = config.memory.size;
         if config.kernel.is_none() {
@@ -272,7 +291,7 @@ impl Vm {
 
         let probe = TimeProbe::new(n, config.dirty_mib, tsc_khz);
         probe.set_idle_us(config.guest_idle_us);
-        let devices = DeviceManager::new(&config.serial, probe)?;
+        let devices = DeviceManager::new(&config.serial, probe, again)?;
         Self::assemble(Parts {
             hv_name: hv.name(),
             vm,
