@@ -26,7 +26,7 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout;
-use super::mptable::{IOAPIC_ADDRESS, LAPIC_ADDRESS, MAX_CPUS};
+use super::mptable::{checksum, IOAPIC_ADDRESS, LAPIC_ADDRESS, MAX_CPUS};
 use crate::{Error, Result};
 
 /// Every table's OEM ID.
@@ -104,11 +104,6 @@ const DSDT_AML: [u8; 65] = [
     0x22, 0x10, 0x00,
     0x79, 0x00,
 ];
-
-/// The byte that makes `bytes` sum to zero.
-fn checksum(bytes: &[u8]) -> u8 {
-    0u8.wrapping_sub(bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)))
-}
 
 /// A table: the standard header with `signature` and `revision`, then `body`, checksummed.
 fn table(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {

@@ -58,8 +58,8 @@ fn config_entries_len(cpus: u32) -> usize {
     PROCESSOR_LEN * cpus as usize + ENTRY_LEN * (2 + usize::from(ISA_IRQS) + 2)
 }
 
-/// The byte that makes `bytes` sum to zero.
-fn checksum(bytes: &[u8]) -> u8 {
+/// The byte that makes `bytes` sum to zero (MP and ACPI tables alike).
+pub(crate) fn checksum(bytes: &[u8]) -> u8 {
     0u8.wrapping_sub(bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)))
 }
 
