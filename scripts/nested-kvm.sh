@@ -4,6 +4,10 @@
 #
 #   scripts/nested-kvm.sh [FILTER]               one host; FILTER defaults to `nested_`
 #                                                (tests named `nested_xhost_` are left out)
+#   scripts/nested-kvm.sh --linux-guest          one host whose /init runs hourglass with a Linux
+#                                                guest on the console, interactively (what
+#                                                scripts/linux-guest.sh runs where /dev/kvm is not
+#                                                a real kvm_intel/kvm_amd); QEMU on this terminal
 #   scripts/nested-kvm.sh --two-hosts [FILTER]   hosts A then B (booted later: another TSC base),
 #                                                FILTER defaults to `nested_xhost_`; tests named
 #                                                `nested_xhost_live_*` run on both hosts at once
@@ -32,13 +36,23 @@ N="$ROOT/target/nested"
 mkdir -p "$N"
 
 TWO_HOSTS=0
-if [ "${1:-}" = --two-hosts ]; then
-    TWO_HOSTS=1
-    shift
-fi
-if [ $# -gt 1 ] || [[ "${1:-}" == -* ]]; then
-    echo "usage: scripts/nested-kvm.sh [--two-hosts] [FILTER]" >&2
+LINUX_GUEST=0
+case "${1:-}" in
+    --two-hosts) TWO_HOSTS=1 && shift ;;
+    --linux-guest) LINUX_GUEST=1 && shift ;;
+esac
+if [ $# -gt 1 ] || [[ "${1:-}" == -* ]] || { [ "$LINUX_GUEST" = 1 ] && [ $# -gt 0 ]; }; then
+    echo "usage: scripts/nested-kvm.sh [--two-hosts] [FILTER] | --linux-guest" >&2
     exit 2
+fi
+# --linux-guest: LINUX_GUEST_DIR (a directory carried to /opt/hourglass-guest: the guest's kernel
+# and initramfs) and LINUX_GUEST_ARGS (hourglass's arguments, one a line, paths inside that
+# directory), both written by scripts/linux-guest.sh.
+if [ "$LINUX_GUEST" = 1 ]; then
+    [ -d "${LINUX_GUEST_DIR:-}" ] && [ -f "${LINUX_GUEST_ARGS:-}" ] || {
+        echo "nested-kvm: --linux-guest needs LINUX_GUEST_DIR and LINUX_GUEST_ARGS (run scripts/linux-guest.sh)" >&2
+        exit 2
+    }
 fi
 if [ "$TWO_HOSTS" = 1 ]; then
     FILTER=${1:-nested_xhost_}
@@ -89,8 +103,12 @@ fi
 log "building (cargo build --bins ${SCOPE[*]}; cargo test --no-run ${SCOPE[*]})"
 cargo build "${SCOPE[@]}" --bins --message-format=json-render-diagnostics >"$N/cargo-bins.json" ||
     summary_fail "cargo build --bins failed"
-cargo test "${SCOPE[@]}" --no-run --message-format=json-render-diagnostics >"$N/cargo-tests.json" ||
-    summary_fail "cargo test --no-run failed"
+if [ "$LINUX_GUEST" = 1 ]; then
+    : >"$N/cargo-tests.json" # no tests: hourglass is all the host runs
+else
+    cargo test "${SCOPE[@]}" --no-run --message-format=json-render-diagnostics >"$N/cargo-tests.json" ||
+        summary_fail "cargo test --no-run failed"
+fi
 # One line per executable: <kind>\t<path>\t<package dir>; kind is test or bin.
 python3 - "$N/cargo-bins.json" "$N/cargo-tests.json" >"$N/executables.tsv" <<'EOF'
 import json, os, sys
@@ -132,7 +150,7 @@ while IFS=$'\t' read -r kind exe dir; do
 done <"$N/executables.tsv"
 PLANNED=$(wc -l <"$N/tests.tsv")
 log "build and listing took $(since "$T_BUILD") s; $PLANNED test(s) match '$FILTER'"
-if [ "$PLANNED" = 0 ]; then
+if [ "$PLANNED" = 0 ] && [ "$LINUX_GUEST" = 0 ]; then
     log "no test matches '$FILTER'"
     echo "nested: 0 passed, 0 failed"
     exit 1
@@ -186,6 +204,13 @@ if grep -q 'nested_linux' "$N/tests.tsv"; then
     cp "$KD/vmlinuz" "$S/opt/hourglass-linux/vmlinuz"
     [ ! -f "$KD/vmlinux" ] || cp "$KD/vmlinux" "$S/opt/hourglass-linux/vmlinux"
 fi
+if [ "$LINUX_GUEST" = 1 ]; then
+    hg=$(awk -F'\t' '$1 == "bin" && $2 ~ /\/hourglass$/ { print $2; exit }' "$N/executables.tsv")
+    [ -n "$hg" ] || summary_fail "cargo built no hourglass binary"
+    mkdir -p "$S/opt/hourglass-guest"
+    cp -a "$LINUX_GUEST_DIR"/. "$S/opt/hourglass-guest/"
+    { echo "$hg"; cat "$LINUX_GUEST_ARGS"; } >"$S/etc/hourglass-nested/guest"
+fi
 (cd "$S" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 >"$N/initrd.gz"
 log "initramfs: $(du -sm "$S" | cut -f1) MiB unpacked, $(du -m "$N/initrd.gz" | cut -f1) MiB gzipped"
 
@@ -199,6 +224,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# The emulated host: an EPYC with SVM on TCG, booting Debian's kernel with our initramfs.
+QEMU=(qemu-system-x86_64 -accel tcg -cpu EPYC,+svm -m "$MEM_MB" -kernel "$KERNEL"
+    -initrd "$N/initrd.gz" -display none -nodefaults -no-user-config -no-reboot)
+HOST_APPEND="console=ttyS0 quiet panic=-1 clocksource=tsc tsc=reliable"
 # start_host NAME SMP APPEND EXTRA_QEMU_ARGS...: boots one host in the background, console to
 # $N/console-NAME.log (streamed to stdout with a prefix); sets HOST_PID.
 start_host() {
@@ -206,10 +235,7 @@ start_host() {
     shift 3
     local logf="$N/console-$name.log"
     : >"$logf"
-    qemu-system-x86_64 -accel tcg -cpu EPYC,+svm -m "$MEM_MB" -smp "$smp" \
-        -kernel "$KERNEL" -initrd "$N/initrd.gz" \
-        -append "console=ttyS0 quiet panic=-1 clocksource=tsc tsc=reliable $append" \
-        -display none -nodefaults -no-user-config -no-reboot -monitor none \
+    "${QEMU[@]}" -smp "$smp" -append "$HOST_APPEND $append" -monitor none \
         -serial "file:$logf" "$@" </dev/null >"$N/qemu-$name.log" 2>&1 &
     HOST_PID=$!
     PIDS+=("$HOST_PID")
@@ -247,7 +273,16 @@ finish() {
 }
 
 T_BOOT=$(date +%s.%N)
-if [ "$TWO_HOSTS" = 0 ]; then
+if [ "$LINUX_GUEST" = 1 ]; then
+    # In the foreground on this terminal: QEMU's serial is the host's console, where its /init
+    # runs hourglass on the Linux guest (scripts/nested/init). Ctrl-A X ends QEMU.
+    log "booting the emulated host; the guest's console follows (Ctrl-A X ends QEMU)"
+    trap - EXIT
+    # loglevel=1: the host's own kernel messages would land in the middle of the guest's.
+    # QEMU's own messages (TCG's unsupported-feature warnings) go to a file, not the console.
+    exec "${QEMU[@]}" -smp "$SMP_A" -append "$HOST_APPEND loglevel=1" -serial mon:stdio \
+        2>"$N/qemu-linux-guest.log"
+elif [ "$TWO_HOSTS" = 0 ]; then
     HOSTS=(S)
     start_host S "$SMP_A" ""
     finish S "$HOST_PID" $(($(date +%s) + TIMEOUT_S))

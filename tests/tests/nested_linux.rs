@@ -10,12 +10,14 @@
 mod linux_support;
 mod vmm_support;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
 use linux_support::*;
+use vmm_support::console::Console;
 use vmm_support::*;
 
 /// The guest's command line: serial console, wait forever after the panic that ends the test.
@@ -485,6 +487,159 @@ fn nested_linux_pause_resume_and_live_migration_keep_the_guest_running() {
             .filter(|l| !l.contains(TICK))
             .collect::<Vec<_>>()
             .join("\n")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// CRC-32 as zlib and Ethernet compute it (polynomial 0xedb88320 reflected, starting from and
+/// ending inverted): what busybox's `crc32` prints, in hex.
+fn crc32(data: &[u8]) -> u32 {
+    !data.iter().fold(!0u32, |crc, &b| {
+        (0..8).fold(crc ^ u32::from(b), |c, _| {
+            if c & 1 != 0 {
+                (c >> 1) ^ 0xedb8_8320
+            } else {
+                c >> 1
+            }
+        })
+    })
+}
+
+#[test]
+fn crc32_matches_the_standard_check_value() {
+    // The CRC-32 catalogue's check value; `printf 123456789 | busybox crc32` prints cbf43926.
+    assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+    assert_eq!(crc32(b""), 0);
+}
+
+/// `lines` lines of `width` printable characters (no shell or tty specials), each different,
+/// then a newline.
+fn typed_text(lines: usize, width: usize) -> Vec<u8> {
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.,:=+";
+    let mut x: u32 = 0x2545_f491;
+    let mut v = Vec::with_capacity(lines * (width + 1));
+    for i in 0..lines {
+        v.extend_from_slice(format!("{i:05} ").as_bytes());
+        for _ in 6..width {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            v.push(CHARS[x as usize % CHARS.len()]);
+        }
+        v.push(b'\n');
+    }
+    v
+}
+
+/// The console is interactive (issue 13): the guest of `scripts/linux-guest.sh` (busybox and
+/// scripts/linux-guest/init) on 2 vCPUs, `hourglass --serial tty`, this test typing into its
+/// stdin as a person would. The shell answers a command with what only running it can print
+/// (`$((6 * 7))`, not in the typed text); then 8 KiB typed in one write into `cat` arrive
+/// whole, in order, each byte once (its CRC-32 in the guest is the one computed here), with
+/// the tty's echo off so the guest's own line discipline and the 16550's interrupts carry it;
+/// then `poweroff -f` ends hourglass with status 0.
+#[test]
+fn nested_linux_shell_answers_what_is_typed() {
+    let test = "nested_linux_shell_answers_what_is_typed";
+    let _x = exclusive();
+    if skip(test) {
+        return;
+    }
+    let Some(kernel) = nested_kernel("vmlinux").or_else(|| nested_kernel("vmlinuz")) else {
+        return;
+    };
+    let dir = temp_dir(test);
+    let initramfs = dir.join("shell.cpio");
+    let busybox = Path::new("/bin/busybox");
+    let archive = shell_initramfs(busybox).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (the nested host carries busybox-static)",
+            busybox.display()
+        )
+    });
+    std::fs::write(&initramfs, archive).expect("write the initramfs");
+    let started = Instant::now();
+    let mut c = Console::spawn(
+        test,
+        &[
+            "--cpus",
+            "boot=2",
+            "--memory",
+            "size=256M",
+            "--kernel",
+            kernel.to_str().expect("utf-8"),
+            "--initramfs",
+            initramfs.to_str().expect("utf-8"),
+            "--cmdline",
+            CMDLINE,
+        ],
+        Stdio::piped(),
+    );
+    c.wait_api_for(Duration::from_secs(120));
+    let mut keys = c.child.stdin.take().expect("stdin");
+    let ready = c.wait_stdout(0, SHELL_READY, Duration::from_secs(240));
+    let ready_after = started.elapsed();
+    let at = c.wait_stdout(ready, SHELL_PROMPT, Duration::from_secs(60));
+    let boot = started.elapsed();
+    let ready_line = String::from_utf8_lossy(&c.seen[ready..])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(ready_line.starts_with("cpus=2 "), "{ready_line}");
+
+    keys.write_all(b"echo $((6 * 7))-ANSWERED\n").expect("type");
+    let at = c.wait_stdout(at, "42-ANSWERED", Duration::from_secs(60));
+    let answered = started.elapsed() - boot;
+
+    keys.write_all(b"stty -echo; echo CAT-$((1 + 1))-READS; cat >/tmp/typed\n")
+        .expect("type");
+    let at = c.wait_stdout(at, "CAT-2-READS", Duration::from_secs(60));
+    let text = typed_text(80, 100);
+    let t = Instant::now();
+    keys.write_all(&text).expect("type the text");
+    // Ctrl-D at the start of a line: the end of cat's input.
+    // The shell's line editor echoes the command itself: the markers are what only running it
+    // prints.
+    keys.write_all(
+        b"\x04echo SUM-$((2 + 3)) $(crc32 </tmp/typed) $(wc -c </tmp/typed) END-$((3 + 4))\n",
+    )
+    .expect("type");
+    let end = c.wait_stdout(at, " END-7", Duration::from_secs(120));
+    let took = t.elapsed();
+    let out = String::from_utf8_lossy(&c.seen[at..end]).into_owned();
+    let sum = out
+        .rsplit_once("SUM-5 ")
+        .map(|(_, s)| s.trim_end_matches(" END-7").trim().to_owned())
+        .unwrap_or_else(|| panic!("no sum in {out:?}"));
+    assert_eq!(
+        sum,
+        format!("{:08x} {}", crc32(&text), text.len()),
+        "the guest's CRC-32 and length of what was typed; its console said {out:?}"
+    );
+    let run_init = String::from_utf8_lossy(&c.seen)
+        .lines()
+        .find(|l| l.contains(RUN_INIT))
+        .unwrap_or_default()
+        .to_owned();
+    println!(
+        "/init's first line {:.1} s and the shell's prompt {:.1} s after hourglass started \
+         (guest: {run_init:?}); first answer in {:.2} s; {} bytes typed reached cat whole in \
+         {:.2} s",
+        ready_after.as_secs_f64(),
+        boot.as_secs_f64(),
+        answered.as_secs_f64(),
+        text.len(),
+        took.as_secs_f64()
+    );
+
+    keys.write_all(b"poweroff -f\n").expect("type");
+    let st = c.wait_exit(Duration::from_secs(60));
+    assert_eq!(st.code(), Some(0), "{}", c.stderr());
+    assert!(
+        c.stderr().contains("the guest powered off (ACPI S5"),
+        "{}",
+        c.stderr()
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

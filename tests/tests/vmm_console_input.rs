@@ -14,14 +14,14 @@
 
 mod vmm_support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use vmm_support::console::Console;
 use vmm_support::*;
 
 /// The echo guest's 32-bit PVH entry:
@@ -112,161 +112,25 @@ fn echoed(input: &[u8]) -> Vec<u8> {
     input.to_ascii_uppercase()
 }
 
-/// A running `hourglass` whose stdout is read by a thread; killed on drop.
-struct Console {
-    child: Child,
-    socket: PathBuf,
-    dir: PathBuf,
-    out: Receiver<Vec<u8>>,
-    /// Stdout so far.
-    seen: Vec<u8>,
-}
-
-impl Console {
-    /// Spawn `hourglass` with `args`, `--serial tty`, an API socket, `stdin` as its stdin and
-    /// its stdout read here.
-    fn spawn(tag: &str, args: &[&str], stdin: Stdio) -> Self {
-        Self::spawn_env(tag, args, stdin, None)
-    }
-
-    fn spawn_env(tag: &str, args: &[&str], stdin: Stdio, selftest: Option<&str>) -> Self {
-        let dir = temp_dir(tag);
-        let socket = dir.join("api.sock");
-        let mut cmd = Command::new(binary("hourglass"));
-        cmd.args(args)
-            .args(["--serial", "tty", "-v"])
-            .arg("--api-socket")
-            .arg(format!("path={}", socket.display()))
-            .stdin(stdin)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.join("stderr.log")).expect("stderr log"),
-            ));
-        match selftest {
-            Some(k) => cmd.env("HOURGLASS_SECCOMP_SELFTEST", k),
-            None => cmd.env_remove("HOURGLASS_SECCOMP_SELFTEST"),
-        };
-        let mut child = cmd.spawn().expect("spawn hourglass");
-        let mut stdout = child.stdout.take().expect("stdout");
-        let (tx, out) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        });
-        Console {
-            child,
-            socket,
-            dir,
-            out,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Boot the echo guest.
-    fn boot(tag: &str, stdin: Stdio) -> Self {
-        let image_dir = temp_dir(&format!("{tag}-image"));
-        let kernel = image_dir.join("kernel");
-        std::fs::write(&kernel, pvh_kernel(&ECHO_UPPER_CODE)).expect("write the kernel");
-        let mut c = Self::spawn(
-            tag,
-            &[
-                "--memory",
-                "size=64M",
-                "--kernel",
-                kernel.to_str().expect("utf-8"),
-            ],
-            stdin,
-        );
-        c.wait_api();
-        // Read and loaded by now.
-        let _ = std::fs::remove_dir_all(&image_dir);
-        c
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
-    }
-
-    fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-        vmm::api::client::api_request(&self.socket, method, path, body)
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.stderr()))
-    }
-
-    fn wait_api(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok((200, _)) =
-                vmm::api::client::api_request(&self.socket, "GET", "vm.info", None)
-            {
-                return;
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("hourglass exited ({st}):\n{}", self.stderr());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the API did not come up:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Collect stdout until it holds `n` bytes (or `timeout` passes, or it ends).
-    fn read_stdout(&mut self, n: usize, timeout: Duration) -> &[u8] {
-        let deadline = Instant::now() + timeout;
-        while self.seen.len() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.out.recv_timeout(left) {
-                Ok(chunk) => self.seen.extend_from_slice(&chunk),
-                Err(_) => break,
-            }
-        }
-        &self.seen
-    }
-
-    /// Stop the VMM through the API, check it exits with status 0, and return all it wrote on
-    /// stdout.
-    fn shutdown(mut self) -> Vec<u8> {
-        let (code, body) = self.api("PUT", "vmm.shutdown", None);
-        assert_eq!(code, 204, "{body}");
-        let st = self.wait_exit(Duration::from_secs(20));
-        assert_eq!(st.code(), Some(0), "{}", self.stderr());
-        // The reader thread ends at the end of stdout.
-        while let Ok(chunk) = self.out.recv_timeout(Duration::from_secs(20)) {
-            self.seen.extend_from_slice(&chunk);
-        }
-        std::mem::take(&mut self.seen)
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "hourglass did not exit:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Console {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Boot the echo guest.
+fn boot(tag: &str, stdin: Stdio) -> Console {
+    let image_dir = temp_dir(&format!("{tag}-image"));
+    let kernel = image_dir.join("kernel");
+    std::fs::write(&kernel, pvh_kernel(&ECHO_UPPER_CODE)).expect("write the kernel");
+    let mut c = Console::spawn(
+        tag,
+        &[
+            "--memory",
+            "size=64M",
+            "--kernel",
+            kernel.to_str().expect("utf-8"),
+        ],
+        stdin,
+    );
+    c.wait_api();
+    // Read and loaded by now.
+    let _ = std::fs::remove_dir_all(&image_dir);
+    c
 }
 
 /// Assert `got` is `want`, naming the first difference.
@@ -299,7 +163,7 @@ fn every_byte_typed_reaches_the_guest_in_order() {
     if skip("every_byte_typed_reaches_the_guest_in_order") {
         return;
     }
-    let mut c = Console::boot("console-echo", Stdio::piped());
+    let mut c = boot("console-echo", Stdio::piped());
     let input = text(20 * 1024);
     let want = echoed(&input);
     let started = Instant::now();
@@ -353,7 +217,7 @@ fn input_not_yet_read_survives_snapshot_and_restore() {
     if skip("input_not_yet_read_survives_snapshot_and_restore") {
         return;
     }
-    let mut c = Console::boot("console-snap", Stdio::piped());
+    let mut c = boot("console-snap", Stdio::piped());
     let (code, body) = c.api("PUT", "vm.pause", None);
     assert_eq!(code, 204, "{body}");
     let input = text(5000);
@@ -469,7 +333,7 @@ fn a_terminal_is_raw_while_the_vmm_runs_and_restored_after() {
         "a fresh pty is in canonical mode"
     );
     let stdin = Stdio::from(pty.slave.try_clone().expect("dup the pty"));
-    let mut c = Console::boot("console-pty", stdin);
+    let mut c = boot("console-pty", stdin);
     let deadline = Instant::now() + Duration::from_secs(20);
     while pty.mode().c_lflag & libc::ICANON != 0 {
         assert!(
@@ -543,7 +407,7 @@ fn a_migrated_guest_reads_the_destination_stdin() {
     if skip("a_migrated_guest_reads_the_destination_stdin") {
         return;
     }
-    let mut src = Console::boot("console-mig-src", Stdio::piped());
+    let mut src = boot("console-mig-src", Stdio::piped());
     let before = text(3000);
     let mut src_in = src.child.stdin.take().expect("stdin");
     src_in.write_all(&before).expect("write the source's stdin");

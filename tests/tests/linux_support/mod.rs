@@ -272,6 +272,35 @@ pub fn initramfs(init: Init) -> Vec<u8> {
     out
 }
 
+/// `/init` of the shell guest: the script `scripts/linux-guest.sh` boots, so the test that
+/// types into it tests what a person gets.
+pub const SHELL_INIT: &str = include_str!("../../../scripts/linux-guest/init");
+/// What [`SHELL_INIT`] prints once it has mounted the pseudo filesystems, before the shell.
+pub const SHELL_READY: &str = "HOURGLASS-SHELL-READY ";
+/// The shell's prompt ([`SHELL_INIT`] sets `PS1`).
+pub const SHELL_PROMPT: &str = "hourglass-guest# ";
+
+/// The shell guest's initramfs: `/dev/console`, `/bin/busybox` (the static `busybox` file
+/// given) and [`SHELL_INIT`] as `/init`.
+pub fn shell_initramfs(busybox: &Path) -> std::io::Result<Vec<u8>> {
+    let bb = std::fs::read(busybox)?;
+    let mut out = Vec::new();
+    newc_entry(&mut out, 1, "dev", 0o040_755, (0, 0), &[]);
+    newc_entry(&mut out, 2, "dev/console", 0o020_600, (5, 1), &[]);
+    newc_entry(&mut out, 3, "bin", 0o040_755, (0, 0), &[]);
+    newc_entry(&mut out, 4, "bin/busybox", 0o100_755, (0, 0), &bb);
+    newc_entry(
+        &mut out,
+        5,
+        "init",
+        0o100_755,
+        (0, 0),
+        SHELL_INIT.as_bytes(),
+    );
+    newc_entry(&mut out, 0, "TRAILER!!!", 0, (0, 0), &[]);
+    Ok(out)
+}
+
 /// Where `scripts/nested-kvm.sh` puts Debian's kernel inside the nested host, both forms:
 /// `vmlinuz` (the bzImage) and, where it could be extracted, `vmlinux` (the PVH ELF).
 pub const NESTED_KERNEL_DIR: &str = "/opt/hourglass-linux";
@@ -334,6 +363,16 @@ pub fn check_report_code_is_its_source() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shell_init_prints_what_the_tests_wait_for() {
+        assert!(SHELL_INIT.starts_with("#!/bin/busybox sh\n"));
+        assert!(
+            SHELL_INIT.contains(&format!("PS1='{SHELL_PROMPT}'")),
+            "the prompt the tests wait for is not the one /init sets"
+        );
+        assert!(SHELL_INIT.contains(&format!("echo \"{SHELL_READY}cpus=$(nproc) ")));
+    }
 
     #[test]
     fn the_initramfs_is_well_formed_newc() {

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod console;
 pub mod load;
 
 use std::path::{Path, PathBuf};
