@@ -40,6 +40,13 @@ pub trait TscState {
         origin: ThawOrigin,
         policy: ClockPolicy,
     ) -> Result<ClockReport, HypervisorError>;
+    /// Whether the guest clock runs now in the hypervisor's stable, TSC-based mode: KVM's
+    /// master clock (`KVM_GET_CLOCK` reports `KVM_CLOCK_TSC_STABLE`), under which every vCPU's
+    /// kvmclock is computed from one (TSC, time) pair and the guest may trust it across vCPUs.
+    /// `None` where the backend has no such mode. Callable while the vCPUs run.
+    fn clock_tsc_stable(&self) -> Result<Option<bool>, HypervisorError> {
+        Ok(None)
+    }
 }
 
 /// One virtual machine.

@@ -179,6 +179,21 @@ fn pause_two_seconds(cpus: u32) {
         ),
         other => panic!("unexpected policy_applied {other}: {clock}"),
     }
+    // The guest's kvmclock pages after the thaw, as vm.info reads them from guest memory: one
+    // per vCPU, at the address each vCPU wrote to MSR_KVM_SYSTEM_TIME_NEW (read as it parked),
+    // written by KVM (a version), and computed from the master clock exactly when KVM says it
+    // keeps one.
+    let pages = clock["guest_kvmclock"].as_array().expect("guest_kvmclock");
+    assert_eq!(pages.len(), cpus as usize, "{clock}");
+    let mut gpas: Vec<u64> = pages.iter().map(|p| p["gpa"].as_u64().unwrap()).collect();
+    gpas.dedup();
+    assert_eq!(gpas.len(), cpus as usize, "one page per vCPU: {clock}");
+    for p in pages {
+        assert!(p["version"].as_u64().unwrap() > 0, "never written: {p}");
+        if let Some(master) = clock["master_clock"].as_bool() {
+            assert_eq!(p["tsc_stable"], master, "{p}, master clock {master}");
+        }
+    }
     let stats = &after["pause_stats"];
     assert_eq!(stats["pauses"], 1);
     assert_eq!(stats["resumes"], 1);

@@ -10,6 +10,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
+use hypervisor::arch::msr;
 use hypervisor::tsc::VcpuTscReading;
 use hypervisor::Vcpu;
 use log::debug;
@@ -22,6 +23,9 @@ pub struct ParkRead {
     pub reading: Option<VcpuTscReading>,
     /// `KVMCLOCK_CTRL` succeeded at this park: the guest need not be told again.
     pub clock_paused: bool,
+    /// MSR_KVM_SYSTEM_TIME_NEW (the guest's kvmclock page address, bit 0 enable) as the vCPU
+    /// parked (`None`: not read); `vm.info` reads the guest's page there.
+    pub system_time: Option<u64>,
 }
 
 /// One vCPU's [`ParkRead`], shared by its thread and the controller.
@@ -41,9 +45,14 @@ impl ParkCache {
             // EINVAL until the guest has enabled kvmclock; the controller tries again.
             debug!("vCPU {id}: KVMCLOCK_CTRL at park: {e}");
         }
+        let system_time = vcpu
+            .msrs(&[msr::KVM_SYSTEM_TIME_NEW])
+            .ok()
+            .and_then(|m| m.first().map(|e| e.data));
         *self.lock() = ParkRead {
             reading: reading.ok(),
             clock_paused: clock.is_ok(),
+            system_time,
         };
     }
 

@@ -83,6 +83,69 @@ pub struct ClockInfo {
     pub warnings: Vec<String>,
     /// Where the VM came from, when it did not boot here.
     pub restored_from: Option<RestoredFrom>,
+    /// Whether the host's guest clock runs in its stable, TSC-based mode now: KVM's master
+    /// clock (`KVM_GET_CLOCK` says `KVM_CLOCK_TSC_STABLE`). `None`: the backend has no such
+    /// mode, or the read failed.
+    pub master_clock: Option<bool>,
+    /// Each vCPU's kvmclock page as the guest reads it now, where its address is known.
+    pub guest_kvmclock: Vec<GuestKvmclock>,
+}
+
+/// One vCPU's kvmclock page (`struct pvclock_vcpu_time_info`, the ABI KVM and the guest
+/// share), read from guest memory: KVM rewrites it when the vCPU next enters the guest after a
+/// clock update, so after a thaw it shows what the guest was given.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GuestKvmclock {
+    /// The vCPU.
+    pub vcpu: u32,
+    /// Guest-physical address of its page (MSR_KVM_SYSTEM_TIME_NEW without the enable bit).
+    pub gpa: u64,
+    /// The page's `version` (odd while KVM is writing it).
+    pub version: u32,
+    /// The page's `flags`.
+    pub flags: u8,
+    /// `PVCLOCK_TSC_STABLE_BIT`: KVM computed this page from its master clock, and the guest
+    /// may use kvmclock without cross-vCPU corrections (and in its vDSO).
+    pub tsc_stable: bool,
+}
+
+/// `struct pvclock_vcpu_time_info`: `version` at byte 0, `flags` at byte 29.
+const PVCLOCK_VERSION_AT: u64 = 0;
+const PVCLOCK_FLAGS_AT: u64 = 29;
+/// `flags` bit 0.
+const PVCLOCK_TSC_STABLE_BIT: u8 = 1 << 0;
+
+impl Vm {
+    /// Each vCPU's kvmclock page, read from guest memory where the MSR's enable bit is set
+    /// and the page lies in guest memory.
+    fn guest_kvmclock(&self) -> Vec<GuestKvmclock> {
+        use vm_memory::{Bytes, GuestAddress};
+        let memory = self.guest_memory();
+        self.kvmclock_msrs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, msr)| {
+                let msr = (*msr)?;
+                if msr & 1 == 0 {
+                    return None;
+                }
+                let gpa = msr & !1;
+                let version: u32 = memory
+                    .read_obj(GuestAddress(gpa.checked_add(PVCLOCK_VERSION_AT)?))
+                    .ok()?;
+                let flags: u8 = memory
+                    .read_obj(GuestAddress(gpa.checked_add(PVCLOCK_FLAGS_AT)?))
+                    .ok()?;
+                Some(GuestKvmclock {
+                    vcpu: i as u32,
+                    gpa,
+                    version,
+                    flags,
+                    tsc_stable: flags & PVCLOCK_TSC_STABLE_BIT != 0,
+                })
+            })
+            .collect()
+    }
 }
 
 impl Vm {
@@ -113,6 +176,8 @@ impl Vm {
             last_report: r.cloned(),
             warnings,
             restored_from: self.restored_from.clone(),
+            master_clock: self.vm.clock_tsc_stable().ok().flatten(),
+            guest_kvmclock: self.guest_kvmclock(),
         }
     }
 }

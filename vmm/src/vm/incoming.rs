@@ -7,6 +7,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
+use hypervisor::arch::msr;
 use hypervisor::tsc::{Capture, ClockPolicy, ThawOrigin};
 use hypervisor::{Hypervisor, Vcpu};
 use log::info;
@@ -158,7 +159,7 @@ impl Vm {
             snapshot: state.tsc.clone(),
             skew_cycles: 0,
         };
-        Self::assemble(Parts {
+        let mut vm = Self::assemble(Parts {
             hv_name,
             vm,
             config,
@@ -172,7 +173,18 @@ impl Vm {
                 origin,
                 policy,
             }),
-        })
+        })?;
+        vm.kvmclock_msrs = state
+            .vcpus
+            .iter()
+            .map(|st| {
+                st.msrs
+                    .iter()
+                    .find(|m| m.index == msr::KVM_SYSTEM_TIME_NEW)
+                    .map(|m| m.data)
+            })
+            .collect();
+        Ok(vm)
     }
 
     /// Recreate a VM from a snapshot that [`Snapshot::read`] checked, parked: its guest time

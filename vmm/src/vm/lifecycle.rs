@@ -45,6 +45,9 @@ impl Vm {
             // What each vCPU thread read from its own vCPU as it parked (its TSC offset and
             // TSC_ADJUST, and whether it already told the guest with KVMCLOCK_CTRL).
             let park = self.vcpus.take_park_reads();
+            for (known, p) in self.kvmclock_msrs.iter_mut().zip(&park) {
+                *known = p.system_time.or(*known);
+            }
             let readings: Vec<_> = park.iter().map(|p| p.reading).collect();
             match self.vm.freeze_with_readings(&refs, &readings) {
                 Ok(c) => {

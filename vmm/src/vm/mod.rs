@@ -104,6 +104,9 @@ pub struct Vm {
     /// ran saves them as they were (the backend holds TSC_DEADLINE back until the thaw, so
     /// reading the vCPUs back before it would lose it).
     restored_vcpus: Option<Vec<VcpuState>>,
+    /// Each vCPU's MSR_KVM_SYSTEM_TIME_NEW as last known (read as it parked for a pause, or
+    /// restored from a snapshot or a migration): where the guest's kvmclock page is.
+    kvmclock_msrs: Vec<Option<u64>>,
 }
 
 impl std::fmt::Debug for Vm {

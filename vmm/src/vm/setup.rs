@@ -382,6 +382,7 @@ impl Vm {
             backing_file: None,
             restored_from: None,
             restored_vcpus: None,
+            kvmclock_msrs: vec![None; n as usize],
         })
     }
 }

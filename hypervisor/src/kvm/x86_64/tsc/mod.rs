@@ -129,6 +129,10 @@ impl TscState for KvmVm {
         self.keep(&ctx);
         r
     }
+
+    fn clock_tsc_stable(&self) -> Result<Option<bool>, HypervisorError> {
+        Ok(Some(crate::kvm::clock::sample(&self.fd)?.tsc_stable()))
+    }
 }
 
 #[cfg(test)]
