@@ -26,6 +26,21 @@ pub trait TscState {
         vcpus: &[&dyn Vcpu],
         readings: &[Option<VcpuTscReading>],
     ) -> Result<Capture, HypervisorError>;
+    /// As [`TscState::freeze_with_readings`], with the guest's time taken at `stopped_at`: the
+    /// host TSC when the last vCPU had stopped running guest code (each vCPU thread reads it as
+    /// it parks), not at the host sample that follows. The guest saw no time after that
+    /// instant, so `frozen` then shows it none and `wallclock` counts it as paused time.
+    /// Ignored (the sample's instant kept) when it is after the sample or more than a second
+    /// before it, and by backends that cannot relate the host TSC to their sample.
+    fn freeze_stopped_at(
+        &self,
+        vcpus: &[&dyn Vcpu],
+        readings: &[Option<VcpuTscReading>],
+        stopped_at: Option<u64>,
+    ) -> Result<Capture, HypervisorError> {
+        let _ = stopped_at;
+        self.freeze_with_readings(vcpus, readings)
+    }
     /// Capture guest time from one host sample, reading every vCPU now.
     fn freeze(&self, vcpus: &[&dyn Vcpu]) -> Result<Capture, HypervisorError> {
         self.freeze_with_readings(vcpus, &[])

@@ -95,7 +95,9 @@ fn migrate(
 }
 
 /// The destination's guest continues from where the source's stopped.
-fn check_continues(dst: &mut Hourglass, before: &[u64], cpus: u32) {
+/// `policy`: the clock policy the destination must have applied (the VM's own when the receive
+/// named none).
+fn check_continues(dst: &mut Hourglass, before: &[u64], cpus: u32, policy: &str) {
     let info = dst.info();
     assert_eq!(info["state"], "Running", "{info}");
     assert_eq!(info["config"]["cpus"]["boot_vcpus"], cpus);
@@ -113,7 +115,11 @@ fn check_continues(dst: &mut Hourglass, before: &[u64], cpus: u32) {
     );
     let after = dst.info();
     assert_no_violations(&after);
-    assert_eq!(after["clock"]["policy_requested"], "wallclock");
+    assert_eq!(
+        after["clock"]["policy_requested"], policy,
+        "{}",
+        after["clock"]
+    );
 }
 
 #[test]
@@ -138,7 +144,7 @@ fn an_idle_guest_migrates_over_unix_and_continues() {
     );
     assert!(m["downtime_ms"].as_f64().unwrap() > 0.0, "{m}");
     println!("idle: source progress {m}");
-    check_continues(&mut dst, &before, 2);
+    check_continues(&mut dst, &before, 2, "wallclock");
     // Wallclock thaw: the guest is shown the realtime gap between the source's freeze and the
     // destination's thaw, which lies inside the downtime the source measured.
     let info = dst.info();
@@ -156,6 +162,25 @@ fn an_idle_guest_migrates_over_unix_and_continues() {
         "{}",
         info["clock"]
     );
+}
+
+/// A VM booted with `--clock-policy frozen` keeps that policy on the destination when the
+/// receive names none (before, the destination applied `wallclock`: a frozen guest was shown
+/// the downtime).
+#[test]
+fn a_vms_own_clock_policy_goes_with_it() {
+    let _x = exclusive();
+    if skip("a_vms_own_clock_policy_goes_with_it") {
+        return;
+    }
+    let mut src = Hourglass::start("mig-policy-src", 1, &["--clock-policy", "frozen"]);
+    wait_healthy(&mut src, 1);
+    let before = vcpu_samples(&src.info());
+    let (mut dst, src_info) = migrate(&mut src, "mig-policy-dst", None, 300);
+    assert_eq!(src_info["state"], "Shutdown");
+    check_continues(&mut dst, &before, 1, "frozen");
+    let clock = &dst.info()["clock"];
+    assert_eq!(clock["policy_default"], "frozen", "{clock}");
 }
 
 #[test]
@@ -187,7 +212,7 @@ fn a_guest_dirtying_memory_migrates_over_tcp_and_continues() {
     assert!(m["unread_pages"].as_u64().unwrap() > 0, "{m}");
     assert_eq!(m["ram_pages"], (256u64 << 20) / 4096, "{m}");
     println!("dirty: source progress {m}");
-    check_continues(&mut dst, &before, 2);
+    check_continues(&mut dst, &before, 2, "wallclock");
     assert_eq!(dst.info()["config"]["dirty_mib"], 64);
     // The destination's thaw states its error bound; here the realtime samples are KVM's
     // atomic ones or bracketed within microseconds.
@@ -465,7 +490,7 @@ fn garbage_on_a_receiving_socket_is_refused_and_the_receiver_stays_usable() {
     assert_eq!(code, 204, "{body}\n{}", src.stderr());
     let (code, body) = rx.join().unwrap();
     assert_eq!(code, 204, "{body}\n{}", dst.stderr());
-    check_continues(&mut dst, &before, 1);
+    check_continues(&mut dst, &before, 1, "wallclock");
 }
 
 /// A `Config` frame's JSON for a 1-vCPU, 64 MiB test guest.
@@ -608,5 +633,5 @@ fn a_halted_guest_with_armed_timers_wakes_after_migration() {
     let before = vcpu_samples(&src.info());
     let (mut dst, src_info) = migrate(&mut src, "mig-halt-dst", None, 300);
     assert_eq!(src_info["migration"]["phase"], "completed");
-    check_continues(&mut dst, &before, 2);
+    check_continues(&mut dst, &before, 2, "wallclock");
 }

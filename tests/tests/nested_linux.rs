@@ -29,24 +29,6 @@ fn write_initramfs(dir: &Path, init: Init) -> PathBuf {
     p
 }
 
-/// Inside the nested host: Debian's kernel `name`. Elsewhere: `None`, after saying why the
-/// test is skipped.
-fn nested_kernel(name: &str) -> Option<PathBuf> {
-    if !in_nested_host() {
-        println!(
-            "skipped: this host's KVM (kvm_pvm) cannot run a stock Linux kernel; run \
-             scripts/nested-kvm.sh"
-        );
-        return None;
-    }
-    Some(debian_kernel(name).unwrap_or_else(|| {
-        panic!(
-            "HOURGLASS_NESTED=1 but no {name} in {NESTED_KERNEL_DIR} (scripts/nested-kvm.sh \
-             packs it)"
-        )
-    }))
-}
-
 /// Wait until the guest's console satisfies `cond`. On a timeout (or an exit) the panic shows
 /// the console's tail, the VMM's log and, read from a snapshot taken then, where each vCPU was:
 /// the guest's last state, for a hang that cannot be reproduced at will.
@@ -403,16 +385,6 @@ fn nested_linux_snapshot_restore_keeps_the_guest_running() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
-
-/// Kernel messages that mean the guest's clocks or CPUs were upset.
-const CLOCK_COMPLAINTS: [&str; 6] = [
-    "Marking TSC unstable",
-    "clocksource watchdog",
-    "soft lockup",
-    "self-detected stall",
-    "timekeeping watchdog",
-    "hung task",
-];
 
 /// A running Linux guest (the ticker) is paused and resumed, then migrated live to a second
 /// `hourglass` in the same host: it ticks on after the resume, and on the destination's console

@@ -503,9 +503,8 @@ impl ApiHandler for Service {
                 info!("API: vm.receive-migration on {ep}");
                 let (vm_tx, retired) =
                     forward_vm_events(self.events()).map_err(|e| chain(500, what, &e))?;
-                let policy = cfg
-                    .clock_policy
-                    .unwrap_or(hypervisor::tsc::ClockPolicy::Wallclock);
+                // No policy named: the VM's own (its configuration's), as a restore does.
+                let policy = cfg.clock_policy;
                 let (mut vm, report) = migration::receive_vm(
                     &ep,
                     self.hv.clone(),

@@ -64,7 +64,7 @@ use nr::KVM_GET_TSC_KHZ;
 /// [`Capture::snapshot`]) and the spread of the vCPUs' offsets. Every vCPU must be stopped.
 pub fn freeze(vm: &VmFd, vcpus: &[&VcpuFd]) -> Result<Capture, HypervisorError> {
     let ctx = context(vm, vcpus)?;
-    engine::freeze(vm, &ctx, vcpus, &[])
+    engine::freeze(vm, &ctx, vcpus, &[], None)
 }
 
 /// Restore guest time from `snapshot` under `policy`, before any vCPU runs again: one VM-wide

@@ -28,6 +28,28 @@ pub struct HostSample {
     pub bracket_ns: u64,
 }
 
+impl HostSample {
+    /// The same sample moved back to the instant the host TSC read `host_tsc` (host TSC at
+    /// `host_khz`): kvmclock and realtime earlier by the cycles between, converted to ns. Used
+    /// to take a freeze at the moment the last vCPU stopped rather than at the later
+    /// `KVM_GET_CLOCK`: the guest saw no time between, so `frozen` must not show it any. `None`
+    /// when `host_tsc` is after the sample, or more than a second before it (not a moment of
+    /// this freeze), or when a clock would go below zero.
+    pub fn rewound_to(&self, host_tsc: u64, host_khz: u32) -> Option<HostSample> {
+        let cycles = self.host_tsc.checked_sub(host_tsc)?;
+        if cycles > u64::from(host_khz) * 1000 {
+            return None;
+        }
+        let ns = super::arith::cycles_to_ns(cycles, host_khz);
+        Some(HostSample {
+            kvmclock_ns: self.kvmclock_ns.checked_sub(ns)?,
+            realtime_ns: self.realtime_ns.checked_sub(ns)?,
+            host_tsc,
+            bracket_ns: self.bracket_ns,
+        })
+    }
+}
+
 /// The host-side TSC parameters at a sample.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HostTsc {
@@ -422,4 +444,46 @@ pub fn plan_for_actual_tsc(
         actual_vm_tsc.wrapping_sub(now.host_tsc),
         warnings,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HostSample;
+
+    const SAMPLE: HostSample = HostSample {
+        kvmclock_ns: 50_000_000_000,
+        realtime_ns: 1_700_000_000_000_000_000,
+        host_tsc: 1_000_000_000_000,
+        bracket_ns: 40,
+    };
+
+    #[test]
+    fn rewinding_moves_every_clock_back_by_the_same_time() {
+        // 3 GHz: 7.5 M cycles are 2.5 ms.
+        let r = SAMPLE
+            .rewound_to(SAMPLE.host_tsc - 7_500_000, 3_000_000)
+            .expect("within a second");
+        assert_eq!(r.host_tsc, SAMPLE.host_tsc - 7_500_000);
+        assert_eq!(r.kvmclock_ns, SAMPLE.kvmclock_ns - 2_500_000);
+        assert_eq!(r.realtime_ns, SAMPLE.realtime_ns - 2_500_000);
+        assert_eq!(r.bracket_ns, SAMPLE.bracket_ns);
+        assert_eq!(SAMPLE.rewound_to(SAMPLE.host_tsc, 3_000_000), Some(SAMPLE));
+    }
+
+    #[test]
+    fn rewinding_refuses_instants_that_are_not_this_freeze() {
+        assert_eq!(SAMPLE.rewound_to(SAMPLE.host_tsc + 1, 3_000_000), None);
+        assert_eq!(
+            SAMPLE.rewound_to(SAMPLE.host_tsc - 3_000_000_001, 3_000_000),
+            None
+        );
+        let young = HostSample {
+            kvmclock_ns: 1_000,
+            ..SAMPLE
+        };
+        assert_eq!(
+            young.rewound_to(SAMPLE.host_tsc - 3_000_000, 3_000_000),
+            None
+        );
+    }
 }

@@ -1,6 +1,6 @@
 //! A Linux guest for the tests: where Debian's kernel is, and an initramfs built here, byte by
-//! byte, whose `/init` is a static program of about a hundred bytes (no toolchain needed where the
-//! test runs). Two programs ([`Init`]):
+//! byte, whose `/init` is a static program of a few hundred bytes (no toolchain needed where the
+//! test runs), or the clock probe built by tests/build.rs. The programs ([`Init`]):
 //!
 //! - [`Init::ExitSeven`] writes `HOURGLASS-LINUX-INIT` to its standard output (the console) and
 //!   exits with status 7. Linux answers an exiting init with `Kernel panic - not syncing:
@@ -12,6 +12,12 @@
 //! - [`Init::Report`] mounts sysfs, reports the guest's date, its online CPUs and its
 //!   clocksource, and powers off (or reboots): the guest's own view, then the VM's end through
 //!   ACPI.
+//! - [`Init::Busy`], [`Init::BusyIo`]: every vCPU busy (issue 18's soaks).
+//! - [`Init::ClockProbe`] (`clock_probe.c`): the guest's clocks read in a tight loop and reported
+//!   when the host asks (tests/tests/nested_linux_clock.rs).
+//!
+//! [`shell_initramfs`] is the other kind: busybox and `scripts/linux-guest/init`, a shell on the
+//! console.
 
 #![allow(dead_code)]
 
@@ -57,7 +63,13 @@ pub enum Init {
     /// Say [`INIT_SAYS`], then [`REPORT_DATE`], [`REPORT_ONLINE`] and [`REPORT_CLOCKSOURCE`]
     /// lines, wait for the console to drain, then power off or reboot (exit 7 if that fails).
     Report(Then),
+    /// The clock probe (`clock_probe.c` beside this file, built by tests/build.rs): the
+    /// guest's clocks in a tight loop, reported on the console when the host asks.
+    ClockProbe,
 }
+
+/// [`Init::ClockProbe`]'s executable.
+pub const CLOCK_PROBE_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/clock_probe"));
 
 /// [`Init::ExitSeven`]'s code, loaded at [`INIT_LOAD`] + [`INIT_CODE_OFFSET`]. Between the
 /// write and the exit it waits until the console has sent every byte (`tcdrain`, the
@@ -189,6 +201,8 @@ const INIT_CODE_OFFSET: u64 = 64 + 56;
 pub fn init_elf(init: Init) -> Vec<u8> {
     let report;
     let code: &[u8] = match init {
+        // Already an executable.
+        Init::ClockProbe => return CLOCK_PROBE_ELF.to_vec(),
         Init::ExitSeven => &INIT_CODE,
         Init::Ticker => &TICKER_CODE,
         Init::Busy => &BUSY_CODE,
@@ -319,6 +333,34 @@ pub fn debian_kernel(name: &str) -> Option<PathBuf> {
     let p = cache.join(current.trim()).join(name);
     p.is_file().then_some(p)
 }
+
+/// Inside the nested host: Debian's kernel `name`. Elsewhere: `None`, after saying why the
+/// test is skipped.
+pub fn nested_kernel(name: &str) -> Option<PathBuf> {
+    if !crate::vmm_support::in_nested_host() {
+        println!(
+            "skipped: this host's KVM (kvm_pvm) cannot run a stock Linux kernel; run \
+             scripts/nested-kvm.sh"
+        );
+        return None;
+    }
+    Some(debian_kernel(name).unwrap_or_else(|| {
+        panic!(
+            "HOURGLASS_NESTED=1 but no {name} in {NESTED_KERNEL_DIR} (scripts/nested-kvm.sh \
+             packs it)"
+        )
+    }))
+}
+
+/// Kernel messages that mean the guest's clocks or CPUs were upset.
+pub const CLOCK_COMPLAINTS: [&str; 6] = [
+    "Marking TSC unstable",
+    "clocksource watchdog",
+    "soft lockup",
+    "self-detected stall",
+    "timekeeping watchdog",
+    "hung task",
+];
 
 /// Check that the report program's bytes are its source's, and that the reboot command sits
 /// where [`Init::Report`] patches it. Called by the test that runs the programs, not a test of

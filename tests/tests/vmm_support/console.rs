@@ -77,13 +77,17 @@ impl Console {
         self.wait_api_for(Duration::from_secs(20));
     }
 
-    /// Wait (`timeout` at most) until the API answers.
+    /// Wait (`timeout` at most) until the API answers `vm.info` (a VM is there).
     pub fn wait_api_for(&mut self, timeout: Duration) {
+        self.wait_answer("vm.info", timeout);
+    }
+
+    /// Wait (`timeout` at most) until the API answers `GET path` with 200 (`vmm.ping`: the
+    /// VMM serves, with or without a VM).
+    pub fn wait_answer(&mut self, path: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok((200, _)) =
-                vmm::api::client::api_request(&self.socket, "GET", "vm.info", None)
-            {
+            if let Ok((200, _)) = vmm::api::client::api_request(&self.socket, "GET", path, None) {
                 return;
             }
             if let Ok(Some(st)) = self.child.try_wait() {

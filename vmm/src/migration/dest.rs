@@ -52,12 +52,13 @@ pub fn decode_config_frame(json: &[u8]) -> Result<(VmConfig, u32), String> {
 }
 
 /// Builds the migrated VM: RAM and vCPUs at `Config`, pages at `Memory`, state at `State`
-/// (parked), run at `Complete` under the policy given (`wallclock` by default).
+/// (parked), run at `Complete` under the policy given, else the migrated VM's own default (its
+/// configuration's `clock_policy`, as a restore does).
 pub struct VmDestination {
     hv: Arc<dyn Hypervisor>,
     serial: Option<devices::SerialOutput>,
     events: Sender<VmEvent>,
-    policy: ClockPolicy,
+    policy: Option<ClockPolicy>,
     tsc_khz: u32,
     incoming: Option<Incoming>,
     vm: Option<Vm>,
@@ -87,7 +88,7 @@ impl VmDestination {
         hv: Arc<dyn Hypervisor>,
         serial: Option<devices::SerialOutput>,
         events: Sender<VmEvent>,
-        policy: ClockPolicy,
+        policy: Option<ClockPolicy>,
     ) -> Self {
         Self {
             hv,
@@ -211,7 +212,7 @@ impl Destination for VmDestination {
             inc,
             &state,
             ThawOrigin::Migration,
-            Some(self.policy),
+            self.policy,
             self.events.clone(),
         )
         .map_err(|e| chain(&e))?;
@@ -226,7 +227,7 @@ impl Destination for VmDestination {
         let report = vm.resume(None).map_err(|e| chain(&e))?;
         info!(
             "migration: VM running here; clock policy {} applied as {:?}, {} ns elapsed",
-            self.policy, report.policy_applied, report.elapsed_ns
+            report.policy_requested, report.policy_applied, report.elapsed_ns
         );
         Ok(())
     }
@@ -279,7 +280,7 @@ pub fn receive_vm(
     hv: Arc<dyn Hypervisor>,
     serial: Option<devices::SerialOutput>,
     events: Sender<VmEvent>,
-    policy: ClockPolicy,
+    policy: Option<ClockPolicy>,
     abort: Arc<AtomicBool>,
 ) -> Result<(Vm, ReceiveReport), MigrationError> {
     let listener = Listener::bind(ep).map_err(|source| MigrationError::Listen {

@@ -23,6 +23,10 @@ pub struct ParkRead {
     pub reading: Option<VcpuTscReading>,
     /// `KVMCLOCK_CTRL` succeeded at this park: the guest need not be told again.
     pub clock_paused: bool,
+    /// The host TSC as the thread began to park, its vCPU out of `KVM_RUN`: the guest ran no
+    /// code on this vCPU after it. The latest of these is when the whole guest stopped, the
+    /// instant the freeze takes guest time at (`TscState::freeze_stopped_at`).
+    pub stopped_at: Option<u64>,
     /// MSR_KVM_SYSTEM_TIME_NEW (the guest's kvmclock page address, bit 0 enable) as the vCPU
     /// parked (`None`: not read); `vm.info` reads the guest's page there.
     pub system_time: Option<u64>,
@@ -39,6 +43,7 @@ impl ParkCache {
 
     /// On the vCPU's own thread, stopped for a pause: read the TSC state, tell the guest.
     pub(super) fn read_at_park(&self, id: u32, vcpu: &dyn Vcpu) {
+        let stopped_at = hypervisor::host::rdtsc();
         let reading = vcpu.tsc_reading();
         let clock = vcpu.notify_guest_clock_paused();
         if let Err(e) = &clock {
@@ -52,6 +57,7 @@ impl ParkCache {
         *self.lock() = ParkRead {
             reading: reading.ok(),
             clock_paused: clock.is_ok(),
+            stopped_at: Some(stopped_at),
             system_time,
         };
     }

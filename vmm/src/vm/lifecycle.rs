@@ -49,7 +49,13 @@ impl Vm {
                 *known = p.system_time.or(*known);
             }
             let readings: Vec<_> = park.iter().map(|p| p.reading).collect();
-            match self.vm.freeze_with_readings(&refs, &readings) {
+            // The guest stopped when its last vCPU did (known only if every thread said when).
+            let stopped_at = park
+                .iter()
+                .map(|p| p.stopped_at)
+                .collect::<Option<Vec<_>>>()
+                .and_then(|v| v.into_iter().max());
+            match self.vm.freeze_stopped_at(&refs, &readings, stopped_at) {
                 Ok(c) => {
                     let told = park.iter().map(|p| p.clock_paused);
                     for v in refs.iter().zip(told).filter(|(_, t)| !t).map(|(v, _)| v) {

@@ -229,12 +229,14 @@ pub(crate) fn set_guest_tsc_khz<V: TimeVcpu + ?Sized>(
 }
 
 /// Capture guest time: one host sample, then each vCPU's reading (taken now where `readings`
-/// has none).
+/// has none). With `stopped_at` (the host TSC when the last vCPU stopped), the sample is moved
+/// back to that instant ([`HostSample::rewound_to`]).
 pub(crate) fn freeze<V: TimeVcpu + ?Sized>(
     vm: &VmFd,
     ctx: &TscContext,
     vcpus: &[&V],
     readings: &[Option<VcpuTscReading>],
+    stopped_at: Option<u64>,
 ) -> Result<Capture, HypervisorError> {
     if readings.len() > vcpus.len() {
         return Err(HypervisorError::InvalidArgument(format!(
@@ -253,8 +255,12 @@ pub(crate) fn freeze<V: TimeVcpu + ?Sized>(
             None => tsc_reading(v.vcpu_fd(), ctx.tsc_offset_attr),
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let at = HostSample::from(&sample);
+    let at = stopped_at
+        .and_then(|h| at.rewound_to(h, host.host_khz))
+        .unwrap_or(at);
     Ok(capture(
-        &HostSample::from(&sample),
+        &at,
         &host,
         ctx.guest_tsc_khz,
         &readings,
@@ -291,6 +297,17 @@ fn thaw_inner<V: TimeVcpu + ?Sized>(
         // Refused here, before anything else changes, when the host cannot run it.
         set_guest_tsc_khz(ctx, vcpus, snap.tsc_khz())?;
     }
+    // What is there now, to put it back if the thaw has to be refused: read before the sample,
+    // because from the sample's instant on the guest's time runs (a `frozen` guest would see
+    // every ioctl between the sample and its vCPU's next entry).
+    let before = if ctx.offsets_honoured == Some(false) {
+        Vec::new()
+    } else {
+        vcpus
+            .iter()
+            .map(|v| tsc_reading(v.vcpu_fd(), ctx.tsc_offset_attr))
+            .collect::<Result<Vec<_>, _>>()?
+    };
     let host = ctx.host_tsc()?;
     let sample = clock::sample(vm)?;
     let now = HostSample::from(&sample);
@@ -307,11 +324,6 @@ fn thaw_inner<V: TimeVcpu + ?Sized>(
         return thaw_host_tsc(vm, ctx, vcpus, snap, policy, &now, &host, plan.vm_offset);
     }
 
-    // Keep what is there, to put it back if the thaw has to be refused.
-    let before = vcpus
-        .iter()
-        .map(|v| tsc_reading(v.vcpu_fd(), ctx.tsc_offset_attr))
-        .collect::<Result<Vec<_>, _>>()?;
     let fb = ctx.frac_bits();
     let slack = u64::from(snap.tsc_khz()); // 1 ms of cycles
     let mut honoured = true;

@@ -112,8 +112,17 @@ impl TscState for KvmVm {
         vcpus: &[&dyn Vcpu],
         readings: &[Option<VcpuTscReading>],
     ) -> Result<Capture, HypervisorError> {
+        self.freeze_stopped_at(vcpus, readings, None)
+    }
+
+    fn freeze_stopped_at(
+        &self,
+        vcpus: &[&dyn Vcpu],
+        readings: &[Option<VcpuTscReading>],
+        stopped_at: Option<u64>,
+    ) -> Result<Capture, HypervisorError> {
         let vcpus = kvm_vcpus(vcpus)?;
-        engine::freeze(&self.fd, &self.context(), &vcpus, readings)
+        engine::freeze(&self.fd, &self.context(), &vcpus, readings, stopped_at)
     }
 
     fn thaw(
