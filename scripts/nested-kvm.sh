@@ -20,7 +20,7 @@
 # and ends with one line `nested: N passed, M failed`. Exit status: 0 only when every test passed
 # and at least one ran. Everything is cached under target/nested/ (see scripts/nested/README.md).
 #
-# Environment: NESTED_TIMEOUT_S (whole run of one host, default 840), NESTED_TEST_TIMEOUT_S (one
+# Environment: NESTED_TIMEOUT_S (whole run of one host, default 1500), NESTED_TEST_TIMEOUT_S (one
 # test, default 300), NESTED_MEM_MB (1024), NESTED_SMP (2), NESTED_SMP_B (NESTED_SMP),
 # NESTED_B_DELAY_S (2: B boots this long after A is ready), NESTED_SHARE_MB (256),
 # NESTED_REQUIRE=1 (fail instead of skipping where QEMU cannot be installed), NESTED_PACKAGES
@@ -62,7 +62,7 @@ else
     SKIP_FILTER=nested_xhost_
 fi
 SKIP_FILTER=${NESTED_SKIP_FILTER-$SKIP_FILTER}
-TIMEOUT_S=${NESTED_TIMEOUT_S:-840}
+TIMEOUT_S=${NESTED_TIMEOUT_S:-1500}
 MEM_MB=${NESTED_MEM_MB:-1024}
 SMP_A=${NESTED_SMP:-2}
 SMP_B=${NESTED_SMP_B:-$SMP_A}

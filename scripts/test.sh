@@ -30,8 +30,12 @@ if [ -x scripts/nested-kvm.sh ] && [ "${SKIP_NESTED:-0}" != 1 ]; then
     # The nested_vmm_* tests (the hourglass binary with the test guest inside the emulated host)
     # are run on their own with `scripts/nested-kvm.sh nested_vmm_`: about one run in five ends
     # with the emulated host's KVM reporting a guest shutdown the guest never caused, or with the
-    # whole QEMU TCG machine hung (README, "Measured time errors"). Open in issue 9.
-    NESTED_SKIP_FILTER="nested_xhost_ nested_vmm_" scripts/nested-kvm.sh
+    # whole QEMU TCG machine hung (README, "Measured time errors"). Open in issue 18.
+    # The Linux clock tests (nested_linux_clock_*, about 6 min) run on request too,
+    # `scripts/nested-kvm.sh nested_linux_clock_`, until issue 18 is found: in their first runs
+    # a restored Linux guest was shut down the same way, 0.1 s after its restore (1 of 60 runs
+    # of an operation), and a test that fails for the emulator's sake must not stop a landing.
+    NESTED_SKIP_FILTER="nested_xhost_ nested_vmm_ nested_linux_clock_" scripts/nested-kvm.sh
     step "nested kvm_amd, two hosts (different TSC bases)"
     # The live migration A -> B (nested_xhost_live_*) runs on request
     # (`scripts/nested-kvm.sh --two-hosts`): its guests run long enough for the emulated host's

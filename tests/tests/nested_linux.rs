@@ -596,7 +596,7 @@ fn nested_linux_shell_answers_what_is_typed() {
         .to_owned();
     println!(
         "/init's first line {:.1} s and the shell's prompt {:.1} s after hourglass started \
-         (guest: {run_init:?}); first answer in {:.2} s; {} bytes typed reached cat whole in \
+         (guest: {run_init:?}, {ready_line:?}); first answer in {:.2} s; {} bytes typed reached cat whole in \
          {:.2} s",
         ready_after.as_secs_f64(),
         boot.as_secs_f64(),

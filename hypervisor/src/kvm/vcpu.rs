@@ -261,23 +261,23 @@ impl KvmVcpu {
     }
 
     fn write_msrs(&self, entries: &[MsrEntry]) -> Result<(), HypervisorError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let k: Vec<kvm_msr_entry> = entries.iter().map(convert::msr_to_kvm).collect();
-        let m = Msrs::from_entries(&k)
-            .map_err(|_| HypervisorError::InvalidArgument("too many MSRs".into()))?;
-        let n = self
-            .fd
-            .set_msrs(&m)
-            .map_err(|e| HypervisorError::ioctl("KVM_SET_MSRS", e.errno()))?;
-        if n != entries.len() {
-            return Err(HypervisorError::Unsupported(format!(
-                "vCPU {}: KVM_SET_MSRS refused MSR {:#x} (wrote {n} of {})",
-                self.id,
-                entries[n].index,
-                entries.len()
-            )));
+        // In order, at most KVM_MAX_MSR_ENTRIES a call (a host may list more saveable MSRs).
+        for chunk in entries.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+            let k: Vec<kvm_msr_entry> = chunk.iter().map(convert::msr_to_kvm).collect();
+            let m = Msrs::from_entries(&k)
+                .map_err(|_| HypervisorError::InvalidArgument("too many MSRs".into()))?;
+            let n = self
+                .fd
+                .set_msrs(&m)
+                .map_err(|e| HypervisorError::ioctl("KVM_SET_MSRS", e.errno()))?;
+            if n != chunk.len() {
+                return Err(HypervisorError::Unsupported(format!(
+                    "vCPU {}: KVM_SET_MSRS refused MSR {:#x} (wrote {n} of {})",
+                    self.id,
+                    chunk[n].index,
+                    chunk.len()
+                )));
+            }
         }
         Ok(())
     }

@@ -17,9 +17,6 @@ use crate::tsc::{ScalingSpec, Vendor};
 /// MSRs written only after the TSC is restored.
 pub const AFTER_TSC_MSRS: &[u32] = &[msr::IA32_TSC_DEADLINE];
 
-/// MSRs owned by the TSC snapshot, never saved in a vCPU state.
-pub const TSC_MSRS: &[u32] = &[msr::IA32_TSC, msr::IA32_TSC_ADJUST];
-
 /// MSRs saved on both vendors (filtered by the host's KVM_GET_MSR_INDEX_LIST).
 pub const COMMON_MSRS: &[u32] = &[
     0x174,       // IA32_SYSENTER_CS
@@ -44,6 +41,12 @@ pub const COMMON_MSRS: &[u32] = &[
     0x4b56_4d05, // MSR_KVM_POLL_CONTROL
     0x4b56_4d06, // MSR_KVM_ASYNC_PF_INT
 ];
+
+/// MSRs on a host's list that are never saved with a vCPU: the TSC's own (the TSC snapshot owns
+/// them), and kvmclock's legacy pair (0x11 wall clock, 0x12 system time), which alias the new
+/// pair in [`COMMON_MSRS`]: a guest uses one pair, and writing the other's saved 0 would turn
+/// its kvmclock off.
+pub const NEVER_SAVED_MSRS: &[u32] = &[msr::IA32_TSC, msr::IA32_TSC_ADJUST, 0x11, 0x12];
 
 /// MSRs saved even when the host's index list omits them (a host may hide RDTSCP from the
 /// guest CPUID and so leave TSC_AUX off its list while still reading and writing it); each is
@@ -92,17 +95,28 @@ impl VendorProfile {
         self.vendor.scaling()
     }
 
-    /// The MSRs to save for a vCPU: common + vendor extras that `host_list` contains, in table
-    /// order, never the TSC MSRs.
+    /// The MSRs to save for a vCPU: first common + vendor extras that `host_list` contains, in
+    /// table order (the restore order this crate knows matters), then every other MSR the host
+    /// lists as saveable (`KVM_GET_MSR_INDEX_LIST`: what the guest can write, SPEC_CTRL, MTRRs,
+    /// machine-check and performance-counter MSRs...) in the host's order; never
+    /// [`NEVER_SAVED_MSRS`]. What a vCPU cannot read is skipped when its state is read; what a
+    /// destination cannot write refuses the restore, naming the MSR.
     pub fn saved_msrs(&self, host_list: &[u32]) -> Vec<u32> {
-        COMMON_MSRS
+        let mut v: Vec<u32> = COMMON_MSRS
             .iter()
             .chain(self.extra_msrs)
             .copied()
             .filter(|m| {
-                (host_list.contains(m) || ALWAYS_TRY_MSRS.contains(m)) && !TSC_MSRS.contains(m)
+                (host_list.contains(m) || ALWAYS_TRY_MSRS.contains(m))
+                    && !NEVER_SAVED_MSRS.contains(m)
             })
-            .collect()
+            .collect();
+        for m in host_list {
+            if !v.contains(m) && !NEVER_SAVED_MSRS.contains(m) {
+                v.push(*m);
+            }
+        }
+        v
     }
 }
 
@@ -124,16 +138,19 @@ mod tests {
     #[test]
     fn saved_msrs_keep_tsc_aux_drop_tsc_and_follow_host_list() {
         let host = [
+            0x48, // SPEC_CTRL: on no table, saved because the host lists it
             0x174,
             msr::IA32_TSC,
             msr::IA32_TSC_ADJUST,
             0x3a,
+            0x12, // legacy kvmclock
             0xc001_0015,
         ];
+        // Known ones first in table order, then the host's others in its order.
         let intel = profile(Vendor::Intel).saved_msrs(&host);
-        assert_eq!(intel, vec![0x174, msr::TSC_AUX, 0x3a]);
+        assert_eq!(intel, vec![0x174, msr::TSC_AUX, 0x3a, 0x48, 0xc001_0015]);
         let amd = profile(Vendor::Amd).saved_msrs(&host);
-        assert_eq!(amd, vec![0x174, msr::TSC_AUX, 0xc001_0015]);
+        assert_eq!(amd, vec![0x174, msr::TSC_AUX, 0xc001_0015, 0x48, 0x3a]);
     }
 
     #[test]
