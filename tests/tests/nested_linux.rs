@@ -95,21 +95,9 @@ fn vcpu_positions(h: &Hourglass) -> String {
 /// Start `hourglass` with Debian's `kernel`, `initramfs` and `cmdline` on `cpus` vCPUs,
 /// 256 MiB.
 fn start_linux(tag: &str, cpus: u32, kernel: &Path, initramfs: &Path, cmdline: &str) -> Hourglass {
-    Hourglass::start_anywhere(
-        tag,
-        cpus,
-        &[
-            "--memory",
-            "size=256M",
-            "--kernel",
-            kernel.to_str().expect("utf-8"),
-            "--initramfs",
-            initramfs.to_str().expect("utf-8"),
-            "--cmdline",
-            cmdline,
-        ],
-        6,
-    )
+    let args = linux_args(kernel, initramfs, cmdline);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Hourglass::start_anywhere(tag, cpus, &args, 6)
 }
 
 /// A Linux guest for `test`, running `init` on `cpus` vCPUs (the PVH `vmlinux` where the host
@@ -531,22 +519,13 @@ fn nested_linux_shell_answers_what_is_typed() {
     });
     std::fs::write(&initramfs, archive).expect("write the initramfs");
     let started = Instant::now();
-    let mut c = Console::spawn(
-        test,
-        &[
-            "--cpus",
-            "boot=2",
-            "--memory",
-            "size=256M",
-            "--kernel",
-            kernel.to_str().expect("utf-8"),
-            "--initramfs",
-            initramfs.to_str().expect("utf-8"),
-            "--cmdline",
-            CMDLINE,
-        ],
-        Stdio::piped(),
-    );
+    let args = [
+        vec!["--cpus".into(), "boot=2".into()],
+        linux_args(&kernel, &initramfs, CMDLINE),
+    ]
+    .concat();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut c = Console::spawn(test, &args, Stdio::piped());
     c.wait_api_for(Duration::from_secs(120));
     let mut keys = c.child.stdin.take().expect("stdin");
     let ready = c.wait_stdout(0, SHELL_READY, Duration::from_secs(240));

@@ -371,24 +371,14 @@ fn clocks_across_outages(test: &str, extra_cmdline: &str, clocksource: &str, pol
     let archive = dir.join("initramfs.cpio");
     std::fs::write(&archive, initramfs(Init::ClockProbe)).expect("write the initramfs");
     let cmdline = format!("console=ttyS0 panic=0 {extra_cmdline}");
-    let mut p = Probe::spawn(
-        test,
-        &[
-            "--cpus",
-            "boot=2",
-            "--memory",
-            "size=256M",
-            "--kernel",
-            kernel.to_str().expect("utf-8"),
-            "--initramfs",
-            archive.to_str().expect("utf-8"),
-            "--cmdline",
-            cmdline.trim_end(),
-            "--clock-policy",
-            policy,
-        ],
-        0,
-    );
+    let args = [
+        vec!["--cpus".into(), "boot=2".into()],
+        linux_args(&kernel, &archive, cmdline.trim_end()),
+        vec!["--clock-policy".into(), policy.into()],
+    ]
+    .concat();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut p = Probe::spawn(test, &args, 0);
     p.line("HG-PROBE-READY");
     assert_eq!(p.clocksource(), clocksource, "at boot");
     let (reads, back, worst) = p.tsc_sync();

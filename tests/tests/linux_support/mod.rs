@@ -334,6 +334,22 @@ pub fn debian_kernel(name: &str) -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
+/// `hourglass`'s arguments for a Linux guest of 256 MiB booting `kernel` with `initramfs` and
+/// `cmdline` (the vCPU count is the caller's).
+pub fn linux_args(kernel: &Path, initramfs: &Path, cmdline: &str) -> Vec<String> {
+    let path = |p: &Path| p.to_str().expect("utf-8 path").to_owned();
+    vec![
+        "--memory".into(),
+        "size=256M".into(),
+        "--kernel".into(),
+        path(kernel),
+        "--initramfs".into(),
+        path(initramfs),
+        "--cmdline".into(),
+        cmdline.into(),
+    ]
+}
+
 /// Inside the nested host: Debian's kernel `name`. Elsewhere: `None`, after saying why the
 /// test is skipped.
 pub fn nested_kernel(name: &str) -> Option<PathBuf> {
