@@ -26,6 +26,9 @@
 # NESTED_REQUIRE=1 (fail instead of skipping where QEMU cannot be installed), NESTED_PACKAGES
 # (space-separated cargo packages to build instead of the whole workspace), NESTED_SKIP_FILTER
 # (space-separated libtest --skip filters; default `nested_xhost_` on one host, none on two),
+# NESTED_TCG_THREAD (multi: one host thread per emulated CPU, QEMU's default; single: all
+# emulated CPUs on one host thread), NESTED_HOST_SETUP (a shell snippet the host runs in the background before its tests: for
+# experiments on the host, e.g. 'echo never >/sys/kernel/mm/transparent_hugepage/enabled'),
 # NESTED_BZIMAGE=1
 # (boot the compressed vmlinuz instead of the extracted PVH vmlinux: about 8 s slower a boot).
 set -euo pipefail
@@ -174,6 +177,7 @@ cp "$N/tests.tsv" "$S/etc/hourglass-nested/tests"
     echo "SHARE_WAIT_S=$TIMEOUT_S"
     echo "PEER_WAIT_S=$TIMEOUT_S"
 } >"$S/etc/hourglass-nested/env"
+printf '%s\n' "${NESTED_HOST_SETUP:-}" >"$S/etc/hourglass-nested/setup.sh"
 # The executables keep their absolute paths (so CARGO_BIN_EXE_* and friends stay valid), without
 # debug info; the dynamic loader and the libraries ldd names go beside them at their own paths.
 copy_exe() {
@@ -225,7 +229,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # The emulated host: an EPYC with SVM on TCG, booting Debian's kernel with our initramfs.
-QEMU=(qemu-system-x86_64 -accel tcg -cpu EPYC,+svm -m "$MEM_MB" -kernel "$KERNEL"
+QEMU=(qemu-system-x86_64 -accel "tcg,thread=${NESTED_TCG_THREAD:-multi}" -cpu EPYC,+svm -m "$MEM_MB" -kernel "$KERNEL"
     -initrd "$N/initrd.gz" -display none -nodefaults -no-user-config -no-reboot)
 HOST_APPEND="console=ttyS0 quiet panic=-1 clocksource=tsc tsc=reliable"
 # start_host NAME SMP APPEND EXTRA_QEMU_ARGS...: boots one host in the background, console to

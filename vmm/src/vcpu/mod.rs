@@ -26,10 +26,12 @@
 //! * [`park`]: what a thread reads at its park, and how long it holds.
 //! * [`sched`]: the short time slice for threads that carry a pause or resume.
 //! * [`internal`]: what a `KVM_EXIT_INTERNAL_ERROR` means, for the error that ends the VM.
+//! * [`shutdown`]: which way a `KVM_EXIT_SHUTDOWN` came, from the registers after it.
 
 pub mod internal;
 mod park;
 mod sched;
+pub mod shutdown;
 
 pub use park::ParkRead;
 pub use sched::{request_short_slice, CONTROL_SLICE};
@@ -550,7 +552,12 @@ fn run_until_leave(id: u32, vcpu: &mut dyn Vcpu, shared: &Shared) -> Leave {
             Ok(VmExit::Interrupted) => {}
             Ok(VmExit::Hlt) => return Leave::Halted,
             Ok(VmExit::Shutdown) => {
-                info!("vCPU {id}: guest shutdown");
+                let regs = vcpu.regs().ok();
+                let sregs = vcpu.sregs().ok();
+                info!(
+                    "vCPU {id}: guest shutdown; {}",
+                    shutdown::describe(regs.as_ref(), sregs.as_ref())
+                );
                 shared.send(VmEvent::GuestShutdown(id));
                 return Leave::Exit;
             }
