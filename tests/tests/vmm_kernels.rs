@@ -264,6 +264,20 @@ const REBOOT_CODE: [u8; 21] = [
     0x64, 0xfa, 0xf4, 0xeb, 0xfc,
 ];
 
+/// A PVH kernel that prints `tf`, then executes `ud2` with the IDT hourglass hands a PVH entry
+/// (limit 0): #UD cannot be delivered, nor the #GP and #DF after it, so the CPU shuts down
+/// (a triple fault).
+///
+/// ```text
+///     mov $0x3f8,%dx ; mov $'t',%al ; out %al,(%dx) ; mov $'f',%al ; out %al,(%dx)
+///     mov $'\n',%al ; out %al,(%dx) ; ud2
+/// 1:  cli ; hlt ; jmp 1b
+/// ```
+const TRIPLE_FAULT_CODE: [u8; 19] = [
+    0x66, 0xba, 0xf8, 0x03, 0xb0, 0x74, 0xee, 0xb0, 0x66, 0xee, 0xb0, 0x0a, 0xee, 0x0f, 0x0b, 0xfa,
+    0xf4, 0xeb, 0xfc,
+];
+
 /// `hourglass` with `kernel` on 2 vCPUs, waiting for nothing.
 fn spawn_kernel(tag: &str, kernel: &[u8]) -> Hourglass {
     let dir = temp_dir(&format!("{tag}-image"));
@@ -292,6 +306,36 @@ fn a_guest_power_off_ends_the_vmm_with_status_0() {
         log.contains("the guest powered off (ACPI S5, vCPU 0)"),
         "{log}"
     );
+}
+
+/// A triple fault ends the VM with a log line that says which way the shutdown came and where
+/// the vCPU was (issue 18's first probe): the vCPU thread reads its registers after the exit,
+/// which its seccomp filter must allow (a forbidden ioctl there would kill hourglass with
+/// SIGSYS instead).
+#[test]
+fn a_triple_fault_is_reported_with_where_the_vcpu_was() {
+    use std::os::unix::process::ExitStatusExt;
+    let _x = exclusive();
+    if skip("a_triple_fault_is_reported_with_where_the_vcpu_was") {
+        return;
+    }
+    let mut h = spawn_kernel("triple-fault", &pvh_elf(&TRIPLE_FAULT_CODE));
+    let st = h.wait_exit(Duration::from_secs(20));
+    let log = h.stderr();
+    assert_eq!(st.signal(), None, "hourglass was killed: {log}");
+    assert_eq!(h.serial_text(), "tf\n");
+    let line = log
+        .lines()
+        .find(|l| l.contains("vCPU 0: guest shutdown;"))
+        .unwrap_or_else(|| panic!("no shutdown line: {log}"));
+    assert!(
+        line.contains("SHUTDOWN intercept") || line.contains("guest's state intact"),
+        "{line}"
+    );
+    for field in [" rip 0x", " cs 0x", " cr0 0x", " idt 0x"] {
+        assert!(line.contains(field), "{field:?} missing: {line}");
+    }
+    assert!(log.contains("the guest shut down (vCPU 0)"), "{log}");
 }
 
 /// The guest's reset reboots the VM in the same process (as Cloud Hypervisor does): the guest

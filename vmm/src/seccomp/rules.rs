@@ -267,7 +267,8 @@ fn spawn_rules() -> KindRules {
 
 /// A vCPU thread: `KVM_RUN`, what it reads as it parks for a pause (its TSC offset attribute
 /// and IA32_TSC_ADJUST, then `KVM_KVMCLOCK_CTRL`), its registers for the report of an exit
-/// that ends the guest (`KVM_GET_REGS`: the rip of an internal error), and the devices it
+/// that ends the guest (`KVM_GET_REGS`: the rip of an internal error; with `KVM_GET_SREGS`,
+/// where a shutdown left the vCPU, see `vcpu::shutdown`), and the devices it
 /// emulates (serial output written to a tty or file, the time-probe device in guest memory).
 /// It spawns nothing.
 pub fn vcpu_rules() -> KindRules {
@@ -278,6 +279,7 @@ pub fn vcpu_rules() -> KindRules {
             KVM_RUN,
             KVM_KVMCLOCK_CTRL,
             KVM_GET_REGS,
+            KVM_GET_SREGS,
             KVM_GET_MSRS,
             KVM_HAS_DEVICE_ATTR,
             KVM_GET_DEVICE_ATTR,

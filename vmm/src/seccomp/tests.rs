@@ -85,6 +85,8 @@ fn ioctls_are_matched_on_the_request() {
     assert_eq!(super::rules::KVM_SET_IRQCHIP, 0x8208_ae63);
     // KVM_GET_REGS: the rip in the report of an internal-error exit.
     assert!(v.ioctls.iter().any(|&(_, nr)| nr == 0x8090_ae81));
+    // KVM_GET_SREGS: with it, where a guest shutdown left the vCPU (vcpu::shutdown).
+    assert!(v.ioctls.iter().any(|&(_, nr)| nr == 0x8138_ae83));
     // Every filter compiles.
     for k in ThreadKind::ALL {
         let f = k.rules().filter(k, SeccompAction::Trap).unwrap();
