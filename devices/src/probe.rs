@@ -11,6 +11,7 @@
 //! | 0xc | read | guest TSC kHz (0 = unknown; the guest prefers CPUID 0x40000010) |
 //! | 0x10 | write | doorbell: guest-physical address of the vCPU's record |
 //! | 0x14 | read | idle mode: µs each vCPU halts between samples (0 = busy loop); [`TimeProbe::set_idle_us`] |
+//! | 0x18 | read | passes the guest makes over its dirtied MiB, then stops writing (0 = forever); [`TimeProbe::set_dirty_passes`] |
 //!
 //! A record is [`RECORD_WORDS`] little-endian `u64`s (layout: the `REC_*`
 //! constants of the `guest` crate). On a doorbell the device copies the
@@ -26,9 +27,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use guest::{
     CMD_HALT, CMD_SET_TSC_ADJUST, CMD_SIMULATE_SKEW, FLAG_HALTING, MAX_VCPUS, PROBE_REG_DIRTY_MIB,
-    PROBE_REG_DOORBELL, PROBE_REG_ID, PROBE_REG_IDLE_US, PROBE_REG_TSC_KHZ, PROBE_REG_VCPUS,
-    RECORD_BYTES, RECORD_MAGIC, RECORD_WORDS, REC_ADJUST_WRITES, REC_CMD, REC_CROSS_VCPU,
-    REC_CROSS_VCPU_WORST, REC_DIRTY_PASSES, REC_FLAGS, REC_KVMCLOCK_MISMATCH,
+    PROBE_REG_DIRTY_PASSES, PROBE_REG_DOORBELL, PROBE_REG_ID, PROBE_REG_IDLE_US, PROBE_REG_TSC_KHZ,
+    PROBE_REG_VCPUS, RECORD_BYTES, RECORD_MAGIC, RECORD_WORDS, REC_ADJUST_WRITES, REC_CMD,
+    REC_CROSS_VCPU, REC_CROSS_VCPU_WORST, REC_DIRTY_PASSES, REC_FLAGS, REC_KVMCLOCK_MISMATCH,
     REC_KVMCLOCK_MISMATCH_WORST_NS, REC_LAST_KVMCLOCK_NS, REC_LAST_TSC, REC_LAST_TSC_ADJUST,
     REC_MAGIC, REC_MAX_JUMP_NS, REC_SAMPLES, REC_SEQ, REC_SIM_SKEW, REC_TSC_BACKWARDS,
     REC_TSC_BACKWARDS_WORST, REC_TSC_BIAS, REC_TSC_KHZ, REC_VCPU,
@@ -215,6 +216,10 @@ pub struct ProbeState {
     /// from states saved before idle mode existed (then 0).
     #[serde(default)]
     pub idle_us: u32,
+    /// Passes over the dirtied MiB offered in the register (0 = forever). Absent from states
+    /// saved before the register existed (then 0).
+    #[serde(default)]
+    pub dirty_passes: u32,
     /// Latest record per vCPU.
     pub records: Vec<VcpuReport>,
     /// Commands not yet delivered, per vCPU, oldest first.
@@ -252,6 +257,7 @@ impl TimeProbe {
                 dirty_mib,
                 tsc_khz,
                 idle_us: 0,
+                dirty_passes: 0,
                 records: (0..vcpus)
                     .map(|vcpu| VcpuReport {
                         vcpu,
@@ -292,6 +298,7 @@ impl TimeProbe {
             PROBE_REG_TSC_KHZ => st.tsc_khz,
             PROBE_REG_DOORBELL => 0,
             PROBE_REG_IDLE_US => st.idle_us,
+            PROBE_REG_DIRTY_PASSES => st.dirty_passes,
             _ => u32::MAX,
         };
         let bytes = value.to_le_bytes();
@@ -448,6 +455,18 @@ impl TimeProbe {
         self.lock().idle_us
     }
 
+    /// How many passes the guest makes over the MiB it dirties before it stops writing them
+    /// (0: it dirties them forever, the default). The guest reads the register once, at boot,
+    /// so set it before the guest runs.
+    pub fn set_dirty_passes(&self, passes: u32) {
+        self.lock().dirty_passes = passes;
+    }
+
+    /// The passes offered to the guest ([`Self::set_dirty_passes`]).
+    pub fn dirty_passes(&self) -> u32 {
+        self.lock().dirty_passes
+    }
+
     /// The complete state, for a snapshot.
     pub fn state(&self) -> ProbeState {
         self.lock().clone()
@@ -540,6 +559,24 @@ mod tests {
         // The guest cannot change it.
         assert!(p.pio_write(PROBE_BASE + PROBE_REG_IDLE_US, &7u32.to_le_bytes(), &mem()));
         assert_eq!(read32(&p, PROBE_REG_IDLE_US), 1000);
+        assert_eq!(
+            read32(&p, PROBE_REG_DIRTY_PASSES),
+            0,
+            "dirty forever by default"
+        );
+        p.set_dirty_passes(3);
+        assert_eq!(read32(&p, PROBE_REG_DIRTY_PASSES), 3);
+        assert_eq!(p.dirty_passes(), 3);
+        assert!(p.pio_write(
+            PROBE_BASE + PROBE_REG_DIRTY_PASSES,
+            &9u32.to_le_bytes(),
+            &mem()
+        ));
+        assert_eq!(read32(&p, PROBE_REG_DIRTY_PASSES), 3);
+        // The last register is inside the decoded range.
+        let mut w = [0u8; 4];
+        assert!(p.pio_read(PROBE_BASE + PROBE_PORT_COUNT - 4, &mut w));
+        assert_eq!(u32::from_le_bytes(w), 3);
         // A one-byte read of the ID's second byte.
         let mut b = [0u8; 1];
         assert!(p.pio_read(PROBE_BASE + 1, &mut b));
@@ -670,6 +707,7 @@ mod tests {
         ring(&p, &m, 0x1000);
         p.request_tsc_adjust(1, 77).expect("vCPU 1");
         p.set_idle_us(250);
+        p.set_dirty_passes(2);
         let st = p.state();
         let json = serde_json::to_string(&st).expect("serialize");
         let back: ProbeState = serde_json::from_str(&json).expect("deserialize");
@@ -677,11 +715,19 @@ mod tests {
         assert_eq!(q.report(), p.report());
         assert_eq!(read32(&q, PROBE_REG_DIRTY_MIB), 4);
         assert_eq!(read32(&q, PROBE_REG_IDLE_US), 250, "idle mode survived");
-        // A state saved before idle mode existed has no idle_us: busy loop.
+        assert_eq!(
+            read32(&q, PROBE_REG_DIRTY_PASSES),
+            2,
+            "dirty passes survived"
+        );
+        // A state saved before idle mode existed has no idle_us: busy loop; one saved before
+        // the passes register existed has no dirty_passes: dirty forever.
         let mut old: serde_json::Value = serde_json::from_str(&json).expect("json");
-        old.as_object_mut().expect("object").remove("idle_us");
+        let o = old.as_object_mut().expect("object");
+        o.remove("idle_us");
+        o.remove("dirty_passes");
         let old: ProbeState = serde_json::from_value(old).expect("old state");
-        assert_eq!(old.idle_us, 0);
+        assert_eq!((old.idle_us, old.dirty_passes), (0, 0));
         put(&m, 0x2000, &record(1, 1));
         ring(&q, &m, 0x2000);
         assert_eq!(

@@ -90,6 +90,10 @@ pub struct VmConfig {
     /// Test guest idle mode: µs each vCPU halts between samples (0: busy sampling loop).
     #[serde(default)]
     pub guest_idle_us: u32,
+    /// Passes the test guest makes over its `dirty_mib` MiB before it stops writing them (0:
+    /// it dirties them forever). Absent from the configurations of older snapshots: 0.
+    #[serde(default)]
+    pub dirty_passes: u32,
 }
 
 impl Default for VmConfig {
@@ -109,6 +113,7 @@ impl Default for VmConfig {
             clock_policy: ClockPolicy::Wallclock,
             dirty_mib: 0,
             guest_idle_us: 0,
+            dirty_passes: 0,
         }
     }
 }

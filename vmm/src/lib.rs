@@ -284,6 +284,7 @@ impl Vmm {
                 "clock_policy": c.clock_policy,
                 "dirty_mib": c.dirty_mib,
                 "guest_idle_us": c.guest_idle_us,
+                "dirty_passes": c.dirty_passes,
             },
             "state": vm.state(),
             "memory_actual_size": c.memory.size,

@@ -48,7 +48,9 @@
 //! [`CMD_SIMULATE_SKEW`] that proves the checks can fire. vCPU 0 prints a banner and a
 //! heartbeat about once a second of kvmclock time on COM1, and when the probe
 //! asks for it, dirties one byte per 4 KiB page of `dirty_mib` MiB from
-//! [`DIRTY_BASE`], 64 pages between samples.
+//! [`DIRTY_BASE`], 64 pages between samples: forever, or, when the probe's
+//! [`PROBE_REG_DIRTY_PASSES`] register is non-zero, that many passes over the region
+//! ([`REC_DIRTY_PASSES`] counts them), after which it only samples.
 //!
 //! # Idle mode
 //!
@@ -72,7 +74,7 @@ pub const PROTOCOL_H: &str = include_str!("c/protocol.h");
 /// First port of the time-probe device.
 pub const PROBE_BASE: u16 = 0x5a0;
 /// Number of ports the probe decodes, from [`PROBE_BASE`].
-pub const PROBE_PORT_COUNT: u16 = 0x18;
+pub const PROBE_PORT_COUNT: u16 = 0x1c;
 /// Register offset (read, 32 bit): [`PROBE_MAGIC`].
 pub const PROBE_REG_ID: u16 = 0x0;
 /// Register offset (read, 32 bit): number of vCPUs.
@@ -86,6 +88,9 @@ pub const PROBE_REG_DOORBELL: u16 = 0x10;
 /// Register offset (read, 32 bit): idle mode, microseconds each vCPU halts between samples
 /// (0 = busy loop; values above [`IDLE_MAX_US`] are clamped). Read at boot and at every report.
 pub const PROBE_REG_IDLE_US: u16 = 0x14;
+/// Register offset (read, 32 bit): passes vCPU 0 makes over the dirtied region (0 = forever).
+/// Read once at boot; once that many passes are done the guest stops writing the region.
+pub const PROBE_REG_DIRTY_PASSES: u16 = 0x18;
 /// Value of the ID register ("HGP1" little endian).
 pub const PROBE_MAGIC: u32 = 0x3150_4748;
 
@@ -386,6 +391,7 @@ mod tests {
             ("PROBE_REG_TSC_KHZ", PROBE_REG_TSC_KHZ.into()),
             ("PROBE_REG_DOORBELL", PROBE_REG_DOORBELL.into()),
             ("PROBE_REG_IDLE_US", PROBE_REG_IDLE_US.into()),
+            ("PROBE_REG_DIRTY_PASSES", PROBE_REG_DIRTY_PASSES.into()),
             ("PROBE_MAGIC", PROBE_MAGIC.into()),
             ("RECORD_MAGIC", RECORD_MAGIC),
             ("RECORD_WORDS", RECORD_WORDS as u64),

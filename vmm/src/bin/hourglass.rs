@@ -13,7 +13,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser};
 use log::info;
 use vmm::api::start_api_server;
 use vmm::config::{
@@ -36,8 +37,8 @@ use vmm::{Service, Vmm};
     after_help = "\
 Modes (one per process):
   boot     any of --cpus, --memory, --kernel (with --initramfs, --cmdline), --clock-policy,
-           --dirty-mib, --guest-idle-us, or no --api-socket: boots a VM (the built-in test
-           guest unless --kernel), with 1 vCPU and 512 MiB by default
+           --dirty-mib (with --dirty-passes), --guest-idle-us, or no --api-socket: boots a VM
+           (the built-in test guest unless --kernel), with 1 vCPU and 512 MiB by default
   restore  --restore source_url=file:///DIR[,...]: restores a snapshot instead
   serve    only --api-socket (and --serial): no VM until vm.restore or vm.receive-migration
            arrives on the API socket
@@ -82,7 +83,7 @@ struct Cli {
         value_name = "source_url=file:///DIR[,resume=true][,clock_policy=wallclock|frozen]",
         value_parser = parse_restore,
         conflicts_with_all = ["cpus", "memory", "kernel", "initramfs", "cmdline", "dirty_mib",
-                              "guest_idle_us", "clock_policy"]
+                              "dirty_passes", "guest_idle_us", "clock_policy"]
     )]
     restore: Option<vmm::api::RestoreConfig>,
     /// API socket: path=PATH (or a bare PATH); at most 107 bytes
@@ -95,6 +96,10 @@ struct Cli {
     /// MiB of RAM the test guest dirties in a loop [default: 0]
     #[arg(long = "dirty-mib", value_name = "N")]
     dirty_mib: Option<u32>,
+    /// Passes the test guest makes over --dirty-mib before it stops writing, 0 = forever
+    /// [default: 0]
+    #[arg(long = "dirty-passes", value_name = "N")]
+    dirty_passes: Option<u32>,
     /// Test guest idle mode: each vCPU halts N µs between samples, 0 for a busy loop
     /// [default: 0]
     #[arg(long = "guest-idle-us", value_name = "N")]
@@ -105,7 +110,7 @@ struct Cli {
         value_name = "PATH",
         conflicts_with_all = ["cpus", "memory", "kernel", "initramfs", "cmdline", "serial",
                               "restore", "api_socket", "clock_policy", "dirty_mib",
-                              "guest_idle_us"]
+                              "dirty_passes", "guest_idle_us"]
     )]
     write_guest: Option<PathBuf>,
     /// Per-thread seccomp filters: true (a forbidden syscall ends the process with SIGSYS and
@@ -125,12 +130,31 @@ impl Cli {
             || self.kernel.is_some()
             || self.clock_policy.is_some()
             || self.dirty_mib.is_some()
+            || self.dirty_passes.is_some()
             || self.guest_idle_us.is_some()
+    }
+
+    /// What clap's attributes cannot say: `--dirty-passes` counts passes over the MiB that
+    /// `--dirty-mib` dirties, so it needs a non-zero `--dirty-mib`.
+    fn check(&self) -> Result<(), clap::Error> {
+        match (self.dirty_passes, self.dirty_mib) {
+            (Some(passes), None | Some(0)) => Err(Cli::command().error(
+                ErrorKind::MissingRequiredArgument,
+                format!(
+                    "--dirty-passes {passes} needs a non-zero --dirty-mib N (the passes are over \
+                     the MiB the test guest dirties)"
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
 fn main() {
     let cli = Cli::parse();
+    if let Err(e) = cli.check() {
+        e.exit();
+    }
     let level = match cli.v {
         0 => "warn",
         1 => "info",
@@ -193,6 +217,7 @@ fn run(cli: Cli) -> Result<i32> {
         clock_policy: cli.clock_policy.unwrap_or(defaults.clock_policy),
         dirty_mib: cli.dirty_mib.unwrap_or(defaults.dirty_mib),
         guest_idle_us: cli.guest_idle_us.unwrap_or(defaults.guest_idle_us),
+        dirty_passes: cli.dirty_passes.unwrap_or(defaults.dirty_passes),
     };
 
     // Before any filter: the process-wide mode, and the handler that names a violation.

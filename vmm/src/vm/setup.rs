@@ -291,6 +291,7 @@ impl Vm {
 
         let probe = TimeProbe::new(n, config.dirty_mib, tsc_khz);
         probe.set_idle_us(config.guest_idle_us);
+        probe.set_dirty_passes(config.dirty_passes);
         let devices = DeviceManager::new(&config.serial, probe, again)?;
         Self::assemble(Parts {
             hv_name: hv.name(),

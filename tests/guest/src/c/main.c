@@ -56,6 +56,7 @@ static volatile u32 halted_count;
 /* Shared configuration written by vCPU 0 before it sets config_ready. */
 static u32 cfg_vcpus;
 static u32 cfg_dirty_mib;
+static u32 cfg_dirty_passes;   /* passes over the dirtied region, then stop (0 = forever) */
 static u32 cfg_has_probe;
 static volatile u32 config_ready;
 
@@ -505,10 +506,13 @@ static u32 kvm_base(void)
 	return 0;
 }
 
-static void dirty_step(u64 *cursor, u64 *pass, u64 pages, volatile u64 *r)
+/* Dirties the next 64 pages; stops at the end of pass `passes` (0 = never). */
+static void dirty_step(u64 *cursor, u64 *pass, u64 pages, u64 passes, volatile u64 *r)
 {
 	/* 64 pages per sample keeps samples frequent while the region cycles. */
 	for (int i = 0; i < 64; i++) {
+		if (passes && *pass >= passes)
+			return;
 		volatile u8 *p = (volatile u8 *)(unsigned long)(DIRTY_BASE + (*cursor << 12));
 		*p = (u8)(*pass + 1);
 		if (++*cursor >= pages) {
@@ -534,6 +538,7 @@ void guest_main(u32 idx, u32 start_info)
 			if (cfg_vcpus == 0 || cfg_vcpus > MAX_VCPUS)
 				cfg_vcpus = cfg_vcpus ? MAX_VCPUS : 1;
 			cfg_dirty_mib = inl(PROBE_BASE + PROBE_REG_DIRTY_MIB);
+			cfg_dirty_passes = inl(PROBE_BASE + PROBE_REG_DIRTY_PASSES);
 		} else {
 			cfg_vcpus = 1;
 		}
@@ -544,6 +549,8 @@ void guest_main(u32 idx, u32 start_info)
 		puts_(cfg_has_probe ? "yes" : "no");
 		puts_(" dirty_mib=");
 		put_u64(cfg_dirty_mib);
+		puts_(" dirty_passes=");
+		put_u64(cfg_dirty_passes);
 		puts_("\n");
 		unlock_serial();
 		idt_build();
@@ -625,8 +632,8 @@ void guest_main(u32 idx, u32 start_info)
 	for (;;) {
 		sample(&s);
 		u64 now = r[REC_LAST_TSC];
-		if (idx == 0 && dirty_pages)
-			dirty_step(&cursor, &pass, dirty_pages, r);
+		if (idx == 0 && dirty_pages && (!cfg_dirty_passes || pass < cfg_dirty_passes))
+			dirty_step(&cursor, &pass, dirty_pages, cfg_dirty_passes, r);
 		if (idx == 0) {
 			int due = s.kvmclock ? r[REC_LAST_KVMCLOCK_NS] - last_beat_ns >= 1000000000ULL
 					     : now - last_beat_tsc >= beat_cycles;

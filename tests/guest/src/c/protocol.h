@@ -6,13 +6,14 @@
 
 /* Port-I/O registers, all 32 bits wide, at PROBE_BASE + offset. */
 #define PROBE_BASE 0x5a0
-#define PROBE_PORT_COUNT 0x18
+#define PROBE_PORT_COUNT 0x1c
 #define PROBE_REG_ID 0x0        /* read: PROBE_MAGIC */
 #define PROBE_REG_VCPUS 0x4     /* read: number of vCPUs */
 #define PROBE_REG_DIRTY_MIB 0x8 /* read: MiB to dirty (0 = none) */
 #define PROBE_REG_TSC_KHZ 0xc   /* read: guest TSC kHz (0 = unknown) */
 #define PROBE_REG_DOORBELL 0x10 /* write: guest-physical address of a record */
 #define PROBE_REG_IDLE_US 0x14  /* read: idle mode, microseconds halted between samples (0 = busy loop) */
+#define PROBE_REG_DIRTY_PASSES 0x18 /* read: passes vCPU 0 makes over the dirtied MiB (0 = forever) */
 #define PROBE_MAGIC 0x31504748  /* "HGP1" little endian */
 
 /* Record a vCPU writes into its memory before ringing the doorbell.
