@@ -26,10 +26,12 @@
 # NESTED_REQUIRE=1 (fail instead of skipping where QEMU cannot be installed), NESTED_PACKAGES
 # (space-separated cargo packages to build instead of the whole workspace), NESTED_SKIP_FILTER
 # (space-separated libtest --skip filters; default `nested_xhost_` on one host, none on two),
-# NESTED_TCG_THREAD (multi: one host thread per emulated CPU, QEMU's default; single: all
-# emulated CPUs on one host thread), NESTED_HOST_SETUP (a shell snippet the host runs in the background before its tests: for
-# experiments on the host, e.g. 'echo never >/sys/kernel/mm/transparent_hugepage/enabled'),
-# NESTED_BZIMAGE=1
+# NESTED_TCG_THREAD (multi, QEMU's default: one host thread per emulated CPU, whose SVM
+# emulation sometimes leaves a world switch half done; single: every emulated CPU on one host
+# thread, where that never happened but a Linux guest's boot stalls; issue 18, docs/design.md
+# section 9; scripts/test.sh runs the test-guest suites with single), NESTED_HOST_SETUP (a shell snippet the
+# host runs in the background before its tests, for experiments on the host, e.g. a
+# memory-compaction loop), NESTED_BZIMAGE=1
 # (boot the compressed vmlinuz instead of the extracted PVH vmlinux: about 8 s slower a boot).
 set -euo pipefail
 
@@ -229,8 +231,13 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # The emulated host: an EPYC with SVM on TCG, booting Debian's kernel with our initramfs.
-QEMU=(qemu-system-x86_64 -accel "tcg,thread=${NESTED_TCG_THREAD:-multi}" -cpu EPYC,+svm -m "$MEM_MB" -kernel "$KERNEL"
-    -initrd "$N/initrd.gz" -display none -nodefaults -no-user-config -no-reboot)
+# QEMU's TCG threading (NESTED_TCG_THREAD above): with one host thread per emulated CPU its
+# nested SVM sometimes restores the host's state and stays in guest mode (issue 18).
+TCG_THREAD=${NESTED_TCG_THREAD:-multi}
+case "$TCG_THREAD" in single | multi) ;; *) summary_fail "NESTED_TCG_THREAD must be single or multi, not '$TCG_THREAD'" ;; esac
+QEMU=(qemu-system-x86_64 -accel "tcg,thread=$TCG_THREAD" -cpu EPYC,+svm -m "$MEM_MB"
+    -kernel "$KERNEL" -initrd "$N/initrd.gz" -display none -nodefaults -no-user-config -no-reboot)
+log "$(qemu-system-x86_64 --version | head -n 1), TCG thread=$TCG_THREAD"
 HOST_APPEND="console=ttyS0 quiet panic=-1 clocksource=tsc tsc=reliable"
 # start_host NAME SMP APPEND EXTRA_QEMU_ARGS...: boots one host in the background, console to
 # $N/console-NAME.log (streamed to stdout with a prefix); sets HOST_PID.

@@ -27,20 +27,21 @@ cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"
 
 if [ -x scripts/nested-kvm.sh ] && [ "${SKIP_NESTED:-0}" != 1 ]; then
     step "nested kvm_amd (TSC offsets honoured)"
-    # The nested_vmm_* tests (the hourglass binary with the test guest inside the emulated host)
-    # are run on their own with `scripts/nested-kvm.sh nested_vmm_`: about one run in five ends
-    # with the emulated host's KVM reporting a guest shutdown the guest never caused, or with the
-    # whole QEMU TCG machine hung (README, "Measured time errors"). Open in issue 18.
-    # The Linux clock tests (nested_linux_clock_*, about 6 min) run on request too,
-    # `scripts/nested-kvm.sh nested_linux_clock_`, until issue 18 is found: in their first runs
-    # a restored Linux guest was shut down the same way, 0.1 s after its restore (1 of 60 runs
-    # of an operation), and a test that fails for the emulator's sake must not stop a landing.
+    # Issue 18: QEMU's multi-threaded TCG (one host thread per emulated CPU) sometimes leaves an
+    # SVM world switch half done, so a guest's VMCB holds the host's own state or a guest takes
+    # a fault on memory that is mapped (docs/design.md section 9). With one TCG thread that never
+    # happened (0 of 11 soaks against 6 of 12), but a Linux guest's boot stalls there. So the
+    # suites of the test guest run on one TCG thread: the VMM with its test guest (nested_vmm_*)
+    # and everything on two hosts, live migration A -> B included; the hypervisor-level tests
+    # and the Linux guests keep QEMU's default. The Linux clock tests (nested_linux_clock_*, about
+    # 6 min) run on request, `scripts/nested-kvm.sh nested_linux_clock_`: a restored Linux guest
+    # was hit once in about 60 operations by the default threading's fault. The soaks
+    # (nested_vmm_soak_*) are issue 18's experiments, on request. No retries.
     NESTED_SKIP_FILTER="nested_xhost_ nested_vmm_ nested_linux_clock_" scripts/nested-kvm.sh
-    step "nested kvm_amd, two hosts (different TSC bases)"
-    # The live migration A -> B (nested_xhost_live_*) runs on request
-    # (`scripts/nested-kvm.sh --two-hosts`): its guests run long enough for the emulated host's
-    # spurious guest shutdowns above to hit about one run in four, on either host.
-    NESTED_SKIP_FILTER="nested_xhost_live_" scripts/nested-kvm.sh --two-hosts
+    step "nested kvm_amd, the VMM with its test guest (one TCG thread)"
+    NESTED_TCG_THREAD=single NESTED_SKIP_FILTER="nested_vmm_soak_" scripts/nested-kvm.sh nested_vmm_
+    step "nested kvm_amd, two hosts (different TSC bases; one TCG thread)"
+    NESTED_TCG_THREAD=single NESTED_SKIP_FILTER="" scripts/nested-kvm.sh --two-hosts
 fi
 
 if [ -x scripts/fuzz.sh ] && [ "${SKIP_FUZZ:-0}" != 1 ]; then

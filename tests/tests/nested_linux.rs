@@ -700,6 +700,13 @@ fn nested_vmm_soak_test_guest_busy_4_vcpus() {
             h.stderr()
         );
     }
+    // And every vCPU still reports at the end (a vCPU caught late has reported during the soak
+    // and then stopped): each reports every 5 ms it runs, so 20 s is ample.
+    h.wait_until(
+        "every vCPU reporting again after the soak (a vCPU that stopped is issue 18's loop)",
+        Duration::from_secs(20),
+        |h| reports(h).iter().zip(&after).all(|(a, b)| a > b),
+    );
     println!(
         "busy 4-vCPU test guest: alive after {} s, reports per vCPU {:?}",
         SOAK.as_secs(),
