@@ -31,7 +31,8 @@
 # thread, where that never happened but a Linux guest's boot stalls; issue 18, docs/design.md
 # section 9; scripts/test.sh runs the test-guest suites with single), NESTED_HOST_SETUP (a shell snippet the
 # host runs in the background before its tests, for experiments on the host, e.g. a
-# memory-compaction loop), NESTED_BZIMAGE=1
+# memory-compaction loop), NESTED_KVM_AMD_PARAMS (kvm_amd's module parameters in the host,
+# e.g. npt=0), NESTED_BZIMAGE=1
 # (boot the compressed vmlinuz instead of the extracted PVH vmlinux: about 8 s slower a boot).
 set -euo pipefail
 
@@ -178,6 +179,7 @@ cp "$N/tests.tsv" "$S/etc/hourglass-nested/tests"
     echo "TEST_TIMEOUT_S=${NESTED_TEST_TIMEOUT_S:-300}"
     echo "SHARE_WAIT_S=$TIMEOUT_S"
     echo "PEER_WAIT_S=$TIMEOUT_S"
+    echo "KVM_AMD_PARAMS='${NESTED_KVM_AMD_PARAMS:-}'"
 } >"$S/etc/hourglass-nested/env"
 printf '%s\n' "${NESTED_HOST_SETUP:-}" >"$S/etc/hourglass-nested/setup.sh"
 # The executables keep their absolute paths (so CARGO_BIN_EXE_* and friends stay valid), without
