@@ -29,10 +29,12 @@
 # NESTED_HANG_S (120: a host whose heartbeat stopped this long is killed as hung), NESTED_TCG_THREAD (multi, QEMU's default: one host thread per emulated CPU, whose SVM
 # emulation sometimes leaves a world switch half done; single: every emulated CPU on one host
 # thread, where that never happened but a Linux guest's boot stalls; issue 18, docs/design.md
-# section 9; scripts/test.sh runs the test-guest suites with single), NESTED_HOST_SETUP (a shell snippet the
+# section 9; scripts/nested-ci.sh says which steps run how), NESTED_SMP=1 (one emulated CPU:
+# neither fault seen; the CI's hypervisor-level and Linux step), NESTED_HOST_SETUP (a shell snippet the
 # host runs in the background before its tests, for experiments on the host, e.g. a
 # memory-compaction loop), NESTED_KVM_AMD_PARAMS (kvm_amd's module parameters in the host,
-# e.g. npt=0), NESTED_BZIMAGE=1
+# e.g. npt=0), NESTED_HOST_APPEND (more kernel parameters for the emulated host, e.g. nohz=off),
+# NESTED_EMULATOR_RETRIES (1; see emulator_fault below), NESTED_BZIMAGE=1
 # (boot the compressed vmlinuz instead of the extracted PVH vmlinux: about 8 s slower a boot).
 set -euo pipefail
 
@@ -284,7 +286,7 @@ emulator_fault() {
     grep -q HOURGLASS-NESTED-TESTS-START "$c" || return 1
     grep -q '^HOURGLASS-NESTED-END' "$c" && return 1
     if grep -q 'HOURGLASS-NESTED-ERROR emulated machine hung' "$c"; then
-        what="hung (no heartbeat for $HANG_S s)"
+        what="hung (no heartbeat for $HANG_S s after uptime $(tr -d '\r' <"$N/alive-$1.log" | tail -n 1) s)"
     elif grep -q HOURGLASS-NESTED-ERROR "$c"; then
         return 1
     else
@@ -338,7 +340,7 @@ finish() {
 
 T_BOOT=$(date +%s.%N)
 INITRD_TESTS="$N/tests.tsv"
-rm -f "$N"/results-earlier-*.log "$N"/console-*.round*.log
+rm -f "$N"/results-earlier-*.log "$N"/console-*.round*.log "$N"/alive-*.round*.log
 if [ "$LINUX_GUEST" = 1 ]; then
     # In the foreground on this terminal: QEMU's serial is the host's console, where its /init
     # runs hourglass on the Linux guest (scripts/nested/init). Ctrl-A X ends QEMU.
@@ -360,6 +362,7 @@ elif [ "$TWO_HOSTS" = 0 ]; then
         # it) run again on a fresh host: the same initramfs with a second archive on top that
         # replaces its list of tests. The results already given stand.
         mv "$N/console-S.log" "$N/console-S.round$round.log"
+        mv "$N/alive-S.log" "$N/alive-S.round$round.log"
         grep '^HOURGLASS-NESTED-RESULT ' "$N/console-S.round$round.log" >>"$N/results-earlier-S.log" || true
         awk -F'\t' 'FILENAME == ARGV[1] { if ($1 == "HOURGLASS-NESTED-RESULT") done[$4 " " $5] = 1; next }
             { n = split($1, p, "/"); if (!((p[n] " " $3) in done)) print }' \
