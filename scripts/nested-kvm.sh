@@ -11,7 +11,7 @@
 #   scripts/nested-kvm.sh --two-hosts [FILTER]   hosts A then B (booted later: another TSC base),
 #                                                FILTER defaults to `nested_xhost_`; tests named
 #                                                `nested_xhost_live_*` run on both hosts at once
-#                                                (A 192.168.77.1 sends, B .2 receives), then A
+#                                                (A sends to B over IPv6 link-local), then A
 #                                                runs the rest, writes the share, B runs the rest
 #
 # Installs what is missing (qemu-system-x86, busybox-static, cpio, kmod) with apt-get, downloads

@@ -360,6 +360,60 @@ fn a_refusing_or_absent_destination_leaves_the_source_running() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// IPv6 link-local URLs carry a zone, the interface (`tcp:[fe80::1%eth0]:6000`). Looking its
+/// name up the usual way (glibc's resolver) takes an ioctl the migration threads' seccomp filter
+/// refuses: the VMM died of SIGSYS on such a URL, on either end. Now a zone by name or index is
+/// resolved by the VMM, and what cannot work is an error naming it, with both VMMs alive and the
+/// source guest running. (`fe80::1` is on no interface here: bind and connect fail.)
+#[test]
+fn ipv6_link_local_urls_with_a_zone_are_errors_never_a_crash() {
+    let _x = exclusive();
+    if skip("ipv6_link_local_urls_with_a_zone_are_errors_never_a_crash") {
+        return;
+    }
+    let port = free_port();
+    let mut dst = start_serving("mig-zone-dst", &[]);
+    for (url, says) in [
+        (format!("tcp:[fe80::1%lo]:{port}"), "fe80::1"),
+        (format!("tcp:[fe80::1%no-such-if0]:{port}"), "no-such-if0"),
+    ] {
+        let (code, body) = receive_async(&dst.socket, &url).join().unwrap();
+        assert!(
+            (400..600).contains(&code) && body.contains(says),
+            "receive on {url}: {code} {body}\n{}",
+            dst.stderr()
+        );
+        assert!(
+            matches!(dst.child.try_wait(), Ok(None)),
+            "the destination VMM died on {url}:\n{}",
+            dst.stderr()
+        );
+    }
+
+    let mut src = Hourglass::start("mig-zone-src", 1, &[]);
+    wait_healthy(&mut src, 1);
+    for (url, says) in [
+        (format!("tcp:[fe80::1%lo]:{port}"), "cannot connect"),
+        (format!("tcp:[fe80::1%1]:{port}"), "cannot connect"),
+        (format!("tcp:[fe80::1%no-such-if0]:{port}"), "no-such-if0"),
+    ] {
+        let (code, body) = send_async(&src.socket, serde_json::json!({ "destination_url": url }))
+            .join()
+            .unwrap();
+        assert!(
+            code == 400 && body.contains(says),
+            "send to {url}: {code} {body}\n{}",
+            src.stderr()
+        );
+        assert!(
+            matches!(src.child.try_wait(), Ok(None)),
+            "the source VMM died on {url}:\n{}",
+            src.stderr()
+        );
+    }
+    check_source_runs(&mut src);
+}
+
 fn connect(path: &Path) -> Stream {
     Stream::connect(&Endpoint::Unix(path.to_path_buf())).expect("connect to the receiver")
 }

@@ -46,11 +46,14 @@ fn realtime_ns() -> i128 {
 
 /// Whether /proc/net/tcp has a socket on local `port` in `state` (0A listen, 01 established).
 fn tcp_state(port: u16, state: &str) -> bool {
-    let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    // The receiver listens on `[::]` (IPv6, the link's addresses being link-local ones).
     let want = format!(":{port:04X}");
-    text.lines().skip(1).any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.len() > 3 && f[1].ends_with(&want) && f[3] == state
+    ["/proc/net/tcp6", "/proc/net/tcp"].iter().any(|table| {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        text.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&want) && f[3] == state
+        })
     })
 }
 
@@ -73,7 +76,7 @@ fn prepare(case: u16, kill: bool) -> Receiving {
     let mut h = serve(&format!("xl-rx{case}"));
     let port = MIGRATION + case;
     let api = h.socket.clone();
-    let url = format!("tcp:0.0.0.0:{port}");
+    let url = format!("tcp:[::]:{port}");
     let answer = std::thread::spawn(move || {
         let body = json!({ "receiver_url": url }).to_string();
         vmm::api::client::api_request(&api, "PUT", "vm.receive-migration", Some(&body)).ok()
@@ -145,7 +148,7 @@ fn received_info(r: Receiving) -> (Value, Receiving) {
 }
 
 fn role_b() {
-    let listener = TcpListener::bind(("0.0.0.0", SERVICE)).expect("bind the service port");
+    let listener = TcpListener::bind(("::", SERVICE)).expect("bind the service port");
     let mut current: Option<Receiving> = None;
     for stream in listener.incoming() {
         let mut stream = stream.expect("accept");
@@ -189,6 +192,20 @@ fn role_b() {
 
 /// One command to B's service. The first waits up to 10 minutes for B to boot; later ones give
 /// up after 60 s (B's side of the test has failed).
+/// `peer` (`fe80::...%eth0`, IPv6 link-local with its interface) at `port`.
+fn peer_addr(peer: &str, port: u16) -> std::net::SocketAddr {
+    let (ip, zone) = peer
+        .split_once('%')
+        .expect("the peer's address has a %zone");
+    let index = vmm::migration::transport::zone_index(zone).expect("the zone's interface");
+    std::net::SocketAddr::V6(std::net::SocketAddrV6::new(
+        ip.parse().expect("the peer's IPv6 address"),
+        port,
+        0,
+        index,
+    ))
+}
+
 fn ask(peer: &str, cmd: &str) -> String {
     static CONTACT: AtomicBool = AtomicBool::new(false);
     let wait = if CONTACT.load(Ordering::SeqCst) {
@@ -196,7 +213,7 @@ fn ask(peer: &str, cmd: &str) -> String {
     } else {
         600
     };
-    let addr = std::net::SocketAddr::new(peer.parse().expect("peer IPv4 address"), SERVICE);
+    let addr = peer_addr(peer, SERVICE);
     let deadline = Instant::now() + Duration::from_secs(wait);
     loop {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
@@ -247,7 +264,9 @@ fn boot(tag: &str, dirty_mib: u32) -> Hourglass {
 
 fn send(h: &Hourglass, peer: &str, case: u16) -> (u16, String) {
     let body = json!({
-        "destination_url": format!("tcp:{peer}:{}", MIGRATION + case),
+        // The zone by name: the VMM looks the interface up (a link-local URL as an operator
+        // writes it).
+        "destination_url": format!("tcp:[{peer}]:{}", MIGRATION + case),
         "downtime_ms": 300,
     });
     vmm::api::client::api_request(
@@ -354,7 +373,7 @@ fn killed_destination(peer: &str, case: u16) {
 }
 
 fn role_a() {
-    let peer = std::env::var("HOURGLASS_NESTED_PEER_V4").expect("HOURGLASS_NESTED_PEER_V4");
+    let peer = std::env::var("HOURGLASS_NESTED_PEER").expect("HOURGLASS_NESTED_PEER");
     let disagreement = clock_disagreement(&peer);
     println!(
         "B's realtime is {} ns ahead of A's (+-{} ns)",

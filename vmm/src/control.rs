@@ -192,7 +192,7 @@ fn run_request(service: &Service, req: ApiRequest) -> Result<ApiResponse, ApiErr
 
 /// Run `req` for the API: on this (control) thread, or for a migration in a thread of its own
 /// that answers when the migration is over.
-fn dispatch(service: &Arc<Service>, req: ApiRequest, reply: Reply) {
+fn dispatch(service: &Arc<Service>, mut req: ApiRequest, reply: Reply) {
     let (name, kind) = match &req {
         ApiRequest::VmSendMigration(_) => ("migration-send", ThreadKind::MigrationSend),
         ApiRequest::VmReceiveMigration(_) => ("migration-recv", ThreadKind::MigrationRecv),
@@ -201,6 +201,19 @@ fn dispatch(service: &Arc<Service>, req: ApiRequest, reply: Reply) {
             return;
         }
     };
+    if let ApiRequest::VmSendMigration(cfg) = &mut req {
+        // The sender may not open files: an interface named in the URL's IPv6 zone is looked
+        // up here.
+        match crate::migration::transport::pin_zone(&cfg.destination_url) {
+            Ok(url) => cfg.destination_url = url,
+            Err(e) => {
+                let _ = reply.send(Err(
+                    ApiError::bad_request("The VM could not be migrated").caused_by(e)
+                ));
+                return;
+            }
+        }
+    }
     if kind == ThreadKind::MigrationSend {
         // The sender may not open files: open what it reads of the kernel's page tables here.
         if let Err(e) = crate::residency::Prober::shared() {

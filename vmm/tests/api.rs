@@ -654,7 +654,7 @@ fn ch_remote_sends_cloud_hypervisor_bodies() {
     ok(&["send-migration", "unix:/tmp/mig.sock", "--local"]);
     ok(&[
         "send-migration",
-        "destination_url=tcp:10.1.2.3:6000,downtime_ms=500,timeout_s=60",
+        "destination_url=tcp:192.0.2.3:6000,downtime_ms=500,timeout_s=60",
     ]);
     ok(&["receive-migration", "tcp:0.0.0.0:6000"]);
     ok(&["pause"]);
@@ -664,7 +664,7 @@ fn ch_remote_sends_cloud_hypervisor_bodies() {
 
     let mut local = SendMigrationConfig::new("unix:/tmp/mig.sock");
     local.local = true;
-    let mut tcp = SendMigrationConfig::new("tcp:10.1.2.3:6000");
+    let mut tcp = SendMigrationConfig::new("tcp:192.0.2.3:6000");
     tcp.downtime_ms = 500;
     tcp.timeout_s = 60;
     assert_eq!(

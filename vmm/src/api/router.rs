@@ -218,7 +218,7 @@ mod tests {
         let ApiRequest::VmSendMigration(s) = ok(
             "PUT",
             "/api/v1/vm.send-migration",
-            r#"{"destination_url":"tcp:10.0.0.2:6000","downtime_ms":50,"timeout_s":9,"timeout_strategy":"Ignore","connections":4}"#,
+            r#"{"destination_url":"tcp:192.0.2.2:6000","downtime_ms":50,"timeout_s":9,"timeout_strategy":"Ignore","connections":4}"#,
         ) else {
             panic!("wrong request");
         };

@@ -2,7 +2,7 @@
 //! source connects.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,6 +31,84 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
+/// The socket addresses of `host`:`port`. An IP literal is taken as it is, an IPv6 one with its
+/// zone (`fe80::1%eth0`, or the interface's index, `fe80::1%2`); other names go through the
+/// system's resolver. Not the resolver for a zone: glibc looks an interface name up with the
+/// SIOCGIFINDEX ioctl, which the migration threads' seccomp filter refuses, so a link-local
+/// URL used to kill the VMM with SIGSYS. The name is read from sysfs instead ([`zone_index`]).
+pub fn resolve(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+    if let Some((ip, zone)) = host.split_once('%') {
+        let ip: Ipv6Addr = ip.parse().map_err(|_| {
+            invalid(format!(
+                "`{host}`: a zone (`%...`) goes only with an IPv6 address, and `{ip}` is not one"
+            ))
+        })?;
+        return Ok(vec![SocketAddr::V6(SocketAddrV6::new(
+            ip,
+            port,
+            0,
+            zone_index(zone)?,
+        ))]);
+    }
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let addrs: Vec<_> = (host, port).to_socket_addrs()?.collect();
+    if addrs.is_empty() {
+        return Err(invalid(format!("`{host}` resolves to no address")));
+    }
+    Ok(addrs)
+}
+
+/// The index of the network interface an IPv6 zone names: a number as it is, a name from
+/// `/sys/class/net/NAME/ifindex` (a file read, where the threads that connect may not open
+/// files: see [`pin_zone`]).
+pub fn zone_index(zone: &str) -> std::io::Result<u32> {
+    if let Ok(n) = zone.parse::<u32>() {
+        return Ok(n);
+    }
+    // An interface name: at most 15 bytes, no '/', not '.' or '..' (the kernel's rules).
+    if zone.is_empty() || zone.len() > 15 || zone.contains('/') || zone == "." || zone == ".." {
+        return Err(invalid(format!(
+            "`%{zone}` is neither an interface's index nor a possible interface name"
+        )));
+    }
+    let path = format!("/sys/class/net/{zone}/ifindex");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("no network interface `{zone}` here ({path}: {e})"),
+        )
+    })?;
+    text.trim()
+        .parse()
+        .map_err(|_| invalid(format!("{path} holds `{}`, not an index", text.trim())))
+}
+
+/// `url` with an IPv6 zone given by name (`tcp:[fe80::1%eth0]:6000`) replaced by the
+/// interface's index (`%2`), for a thread that may not open files to look it up; any other URL
+/// as it is. The error names the interface that is not there.
+pub fn pin_zone(url: &str) -> Result<String, String> {
+    let Some(rest) = url.strip_prefix("tcp:[") else {
+        return Ok(url.to_string());
+    };
+    let Some((inside, tail)) = rest.split_once(']') else {
+        return Ok(url.to_string());
+    };
+    let Some((ip, zone)) = inside.split_once('%') else {
+        return Ok(url.to_string());
+    };
+    if zone.parse::<u32>().is_ok() {
+        return Ok(url.to_string());
+    }
+    let index = zone_index(zone).map_err(|e| format!("`{url}`: {e}"))?;
+    Ok(format!("tcp:[{ip}%{index}]{tail}"))
+}
+
+fn invalid(msg: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)
+}
+
 /// A connected migration stream.
 #[derive(Debug)]
 pub enum Stream {
@@ -46,7 +124,7 @@ impl Stream {
         match ep {
             Endpoint::Unix(p) => UnixStream::connect(p).map(Self::Unix),
             Endpoint::Tcp { host, port } => {
-                let s = TcpStream::connect((host.as_str(), *port))?;
+                let s = TcpStream::connect(&resolve(host, *port)?[..])?;
                 s.set_nodelay(true)?;
                 Ok(Self::Tcp(s))
             }
@@ -145,8 +223,7 @@ impl Listener {
                 UnixListener::bind(p).map(|l| Self::Unix(l, p.clone()))
             }
             Endpoint::Tcp { host, port } => {
-                let addrs: Vec<_> = (host.as_str(), *port).to_socket_addrs()?.collect();
-                TcpListener::bind(&addrs[..]).map(Self::Tcp)
+                TcpListener::bind(&resolve(host, *port)?[..]).map(Self::Tcp)
             }
         }
     }
@@ -211,5 +288,84 @@ impl Drop for Listener {
         if let Self::Unix(_, p) = self {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The loopback interface's index as the kernel reports it (not assumed to be 1).
+    fn lo_index() -> u32 {
+        std::fs::read_to_string("/sys/class/net/lo/ifindex")
+            .expect("lo's index")
+            .trim()
+            .parse()
+            .expect("a number")
+    }
+
+    #[test]
+    fn ip_literals_resolve_as_written() {
+        assert_eq!(
+            resolve("192.0.2.7", 6000).unwrap(),
+            vec!["192.0.2.7:6000".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(
+            resolve("2001:db8::1", 7).unwrap(),
+            vec!["[2001:db8::1]:7".parse::<SocketAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn an_ipv6_zone_by_index_or_by_name() {
+        let by_index = resolve("fe80::1%7", 6000).unwrap();
+        assert_eq!(
+            by_index,
+            vec!["[fe80::1%7]:6000".parse::<SocketAddr>().unwrap()]
+        );
+        let lo = lo_index();
+        let SocketAddr::V6(a) = resolve("fe80::5054:ff:fe12:340b%lo", 6000).unwrap()[0] else {
+            panic!("not IPv6");
+        };
+        assert_eq!((a.scope_id(), a.port()), (lo, 6000));
+        assert_eq!(
+            *a.ip(),
+            "fe80::5054:ff:fe12:340b".parse::<Ipv6Addr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn bad_zones_are_named() {
+        let e = resolve("fe80::1%no-such-if0", 1).unwrap_err().to_string();
+        assert!(e.contains("no network interface `no-such-if0`"), "{e}");
+        let e = resolve("192.0.2.1%lo", 1).unwrap_err().to_string();
+        assert!(e.contains("goes only with an IPv6 address"), "{e}");
+        for zone in ["", "a/b", "..", "sixteen-bytes-xx"] {
+            let e = zone_index(zone).unwrap_err().to_string();
+            assert!(e.contains("neither an interface's index"), "{zone}: {e}");
+        }
+    }
+
+    #[test]
+    fn pin_zone_replaces_a_name_by_the_index_only() {
+        let lo = lo_index();
+        assert_eq!(
+            pin_zone("tcp:[fe80::1%lo]:6000").unwrap(),
+            format!("tcp:[fe80::1%{lo}]:6000")
+        );
+        for same in [
+            "tcp:[fe80::1%3]:6000",
+            "tcp:[::1]:6000",
+            "tcp:192.0.2.1:6000",
+            "unix:/tmp/x%lo",
+            "tcp:[fe80::1%lo",
+        ] {
+            assert_eq!(pin_zone(same).unwrap(), same);
+        }
+        let e = pin_zone("tcp:[fe80::1%nope0]:6000").unwrap_err();
+        assert!(
+            e.contains("tcp:[fe80::1%nope0]:6000") && e.contains("nope0"),
+            "{e}"
+        );
     }
 }
