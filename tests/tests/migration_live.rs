@@ -378,15 +378,13 @@ fn ipv6_link_local_urls_with_a_zone_are_errors_never_a_crash() {
         (format!("tcp:[fe80::1%no-such-if0]:{port}"), "no-such-if0"),
     ] {
         let (code, body) = receive_async(&dst.socket, &url).join().unwrap();
-        assert!(
-            (400..600).contains(&code) && body.contains(says),
-            "receive on {url}: {code} {body}\n{}",
-            dst.stderr()
-        );
-        assert!(
-            matches!(dst.child.try_wait(), Ok(None)),
-            "the destination VMM died on {url}:\n{}",
-            dst.stderr()
+        refused_alive(
+            &mut dst,
+            &url,
+            (400..600).contains(&code),
+            code,
+            &body,
+            says,
         );
     }
 
@@ -400,18 +398,24 @@ fn ipv6_link_local_urls_with_a_zone_are_errors_never_a_crash() {
         let (code, body) = send_async(&src.socket, serde_json::json!({ "destination_url": url }))
             .join()
             .unwrap();
-        assert!(
-            code == 400 && body.contains(says),
-            "send to {url}: {code} {body}\n{}",
-            src.stderr()
-        );
-        assert!(
-            matches!(src.child.try_wait(), Ok(None)),
-            "the source VMM died on {url}:\n{}",
-            src.stderr()
-        );
+        refused_alive(&mut src, &url, code == 400, code, &body, says);
     }
     check_source_runs(&mut src);
+}
+
+/// `h` answered a migration on `url` with an error (`code_ok`) that `says` what was wrong, and
+/// its process is still alive.
+fn refused_alive(h: &mut Hourglass, url: &str, code_ok: bool, code: u16, body: &str, says: &str) {
+    assert!(
+        code_ok && body.contains(says),
+        "{url}: {code} {body}\n{}",
+        h.stderr()
+    );
+    assert!(
+        matches!(h.child.try_wait(), Ok(None)),
+        "the VMM died on {url}:\n{}",
+        h.stderr()
+    );
 }
 
 fn connect(path: &Path) -> Stream {

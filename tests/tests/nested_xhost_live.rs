@@ -192,20 +192,6 @@ fn role_b() {
 
 /// One command to B's service. The first waits up to 10 minutes for B to boot; later ones give
 /// up after 60 s (B's side of the test has failed).
-/// `peer` (`fe80::...%eth0`, IPv6 link-local with its interface) at `port`.
-fn peer_addr(peer: &str, port: u16) -> std::net::SocketAddr {
-    let (ip, zone) = peer
-        .split_once('%')
-        .expect("the peer's address has a %zone");
-    let index = vmm::migration::transport::zone_index(zone).expect("the zone's interface");
-    std::net::SocketAddr::V6(std::net::SocketAddrV6::new(
-        ip.parse().expect("the peer's IPv6 address"),
-        port,
-        0,
-        index,
-    ))
-}
-
 fn ask(peer: &str, cmd: &str) -> String {
     static CONTACT: AtomicBool = AtomicBool::new(false);
     let wait = if CONTACT.load(Ordering::SeqCst) {
@@ -213,7 +199,8 @@ fn ask(peer: &str, cmd: &str) -> String {
     } else {
         600
     };
-    let addr = peer_addr(peer, SERVICE);
+    // `peer` is `fe80::...%eth0`: link-local, with its interface.
+    let addr = vmm::migration::transport::resolve(peer, SERVICE).expect("B's address")[0];
     let deadline = Instant::now() + Duration::from_secs(wait);
     loop {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {

@@ -203,7 +203,7 @@ fn dispatch(service: &Arc<Service>, mut req: ApiRequest, reply: Reply) {
     };
     if let ApiRequest::VmSendMigration(cfg) = &mut req {
         // The sender may not open files: an interface named in the URL's IPv6 zone is looked
-        // up here.
+        // up here, and what it reads of the kernel's page tables opened here.
         match crate::migration::transport::pin_zone(&cfg.destination_url) {
             Ok(url) => cfg.destination_url = url,
             Err(e) => {
@@ -213,9 +213,6 @@ fn dispatch(service: &Arc<Service>, mut req: ApiRequest, reply: Reply) {
                 return;
             }
         }
-    }
-    if kind == ThreadKind::MigrationSend {
-        // The sender may not open files: open what it reads of the kernel's page tables here.
         if let Err(e) = crate::residency::Prober::shared() {
             warn!("migration: cannot open the kernel's page map ({e}); every page is read");
         }

@@ -53,11 +53,7 @@ pub fn resolve(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
-    let addrs: Vec<_> = (host, port).to_socket_addrs()?.collect();
-    if addrs.is_empty() {
-        return Err(invalid(format!("`{host}` resolves to no address")));
-    }
-    Ok(addrs)
+    Ok((host, port).to_socket_addrs()?.collect())
 }
 
 /// The index of the network interface an IPv6 zone names: a number as it is, a name from
@@ -88,21 +84,20 @@ pub fn zone_index(zone: &str) -> std::io::Result<u32> {
 /// `url` with an IPv6 zone given by name (`tcp:[fe80::1%eth0]:6000`) replaced by the
 /// interface's index (`%2`), for a thread that may not open files to look it up; any other URL
 /// as it is. The error names the interface that is not there.
+/// A URL that does not parse is left for the migration itself to refuse.
 pub fn pin_zone(url: &str) -> Result<String, String> {
-    let Some(rest) = url.strip_prefix("tcp:[") else {
+    let Ok(crate::api::MigrationUrl::Tcp { host, port }) = crate::api::MigrationUrl::parse(url)
+    else {
         return Ok(url.to_string());
     };
-    let Some((inside, tail)) = rest.split_once(']') else {
-        return Ok(url.to_string());
-    };
-    let Some((ip, zone)) = inside.split_once('%') else {
-        return Ok(url.to_string());
-    };
-    if zone.parse::<u32>().is_ok() {
-        return Ok(url.to_string());
+    match host.split_once('%') {
+        Some((ip, zone)) if zone.parse::<u32>().is_err() => {
+            let index = zone_index(zone).map_err(|e| format!("`{url}`: {e}"))?;
+            let host = format!("{ip}%{index}");
+            Ok(Endpoint::Tcp { host, port }.to_string())
+        }
+        _ => Ok(url.to_string()),
     }
-    let index = zone_index(zone).map_err(|e| format!("`{url}`: {e}"))?;
-    Ok(format!("tcp:[{ip}%{index}]{tail}"))
 }
 
 fn invalid(msg: String) -> std::io::Error {
