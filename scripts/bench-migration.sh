@@ -5,6 +5,8 @@
 #   scripts/bench-migration.sh                      # release build; 256 MiB and 1 GiB guests
 #   SIZES_MIB="256 1024 4096" DIRTY_MIB=64 WROTE_MIB="64 512 2048" scripts/bench-migration.sh
 #   PROFILE=dev scripts/bench-migration.sh          # debug build (faster to build, slower)
+#   BIN_DIR=DIR scripts/bench-migration.sh          # hourglass and ch-remote from DIR (another build)
+#   LOADS="wrote512 full" scripts/bench-migration.sh  # only these rows
 #
 # For each guest size, one row per load of the test guest:
 #   idle      the guest only samples its clocks;
@@ -35,8 +37,13 @@ dirty="${DIRTY_MIB:-64}"
 wrote="${WROTE_MIB:-64 512}"
 wrote_wait_s="${WROTE_WAIT_S:-300}" # bound on the wait for a wroteN guest's one pass
 wrote_idle_us="${WROTE_IDLE_US:-1000}"
-cargo build -q --profile "$profile" -p vmm --bins
-dir=${CARGO_TARGET_DIR:-target}/$([ "$profile" = dev ] && echo debug || echo "$profile")
+only="${LOADS:-}"
+if [ -n "${BIN_DIR:-}" ]; then
+    dir=$BIN_DIR
+else
+    cargo build -q --profile "$profile" -p vmm --bins
+    dir=${CARGO_TARGET_DIR:-target}/$([ "$profile" = dev ] && echo debug || echo "$profile")
+fi
 hg="$dir/hourglass"
 chr="$dir/ch-remote"
 
@@ -115,6 +122,7 @@ for size in $sizes; do
     [ "$size" = 1024 ] && loads="$loads full:$((size - 4)):1"
     for spec in $loads; do
         IFS=: read -r load d passes <<<"$spec"
+        if [ -n "$only" ] && [[ " $only " != *" $load "* ]]; then continue; fi
         n=$((n + 1))
         src="$tmp/src$n.sock"; dst="$tmp/dst$n.sock"; rx="$tmp/rx$n.sock"
         pass_args=()

@@ -566,6 +566,9 @@ fn exercise(h: &mut Hourglass, test: &str, cpus: u32, policy: &str, slow: u32, t
     let mut prev = info0.clone();
     let mut last_resume_sent = 0;
     let mut h_read = 0;
+    // Where the guest first counted a kvmclock/TSC disagreement (issue 18's evidence: across a
+    // thaw, with the thaw's own warnings, or while the guest ran).
+    let mut first_mismatch: Option<String> = None;
     let t_cycles = Instant::now();
     for i in 0..CYCLES {
         let ob = Clock::of(&prev).vm_offset;
@@ -592,6 +595,18 @@ fn exercise(h: &mut Hourglass, test: &str, cpus: u32, policy: &str, slow: u32, t
         assert_on_offset(&va, oa, h2, h_read, khz, &when);
         let seen = pause_seen((&vb, ob), (&va, oa), p, checked, slack, khz, &when);
         seen_worst = seen_worst.max(seen);
+        if first_mismatch.is_none() && totals(&prev, "kvmclock_mismatch") > 0 {
+            first_mismatch = Some(format!(
+                "{when}: Δkvmclock - ΔTSC across the pause {} ns (the guest's worst {} ns), \
+                 the thaw's warnings {}",
+                kvmclock_divergence(&vb, &va, khz),
+                totals(&prev, "kvmclock_mismatch_worst_ns"),
+                prev["clock"]["warnings"]
+            ));
+        }
+    }
+    if let Some(m) = &first_mismatch {
+        println!("first kvmclock/TSC disagreement counted by the guest: {m}");
     }
     let cycles_s = t_cycles.elapsed().as_secs_f64();
     let info1 = prev;

@@ -13,6 +13,7 @@ pub mod control;
 pub mod decode;
 pub mod events;
 pub mod files;
+pub mod fresh_ram;
 pub mod migration;
 pub mod residency;
 pub mod seccomp;

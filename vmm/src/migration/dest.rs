@@ -10,12 +10,15 @@ use hypervisor::tsc::{ClockPolicy, ThawOrigin};
 use hypervisor::Hypervisor;
 use log::{info, warn};
 use serde::Deserialize;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::MemoryRegionAddress;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::protocol::{RunData, PAGE_SIZE};
 use super::{receive, Destination, Endpoint, FrameReader, FrameWriter, Listener, RamRange};
 use super::{MigrationError, ProtocolError, Receiver};
 use crate::config::VmConfig;
+use crate::fresh_ram::FreshRam;
+use crate::residency::Backing;
 use crate::vcpu::VmEvent;
 use crate::vm::{Incoming, Vm};
 
@@ -60,13 +63,17 @@ pub struct VmDestination {
     events: Sender<VmEvent>,
     policy: Option<ClockPolicy>,
     tsc_khz: u32,
+    /// First writes into the fresh RAM without the kernel's page clearing, until the state
+    /// arrives (`None` where the host refuses it: the writes then fault pages in).
+    fresh: Option<FreshRam>,
+    fill: FillStats,
     incoming: Option<Incoming>,
     vm: Option<Vm>,
     memory_time: Duration,
     /// RAM ranges and, per range, one bit per page written with content so far. Fresh guest
     /// RAM is zero, so a zero run over pages never written costs nothing (an idle guest's
     /// RAM is mostly zero runs; writing them would fault in all of it).
-    written: Vec<(RamRange, Vec<u64>)>,
+    written: Vec<Written>,
     /// Set when this VMM is asked to stop (vmm.shutdown, SIGTERM): every frame before the VM
     /// runs here is then refused, so the source keeps (and resumes) its VM.
     abort: Option<Arc<AtomicBool>>,
@@ -96,6 +103,8 @@ impl VmDestination {
             events,
             policy,
             tsc_khz: 0,
+            fresh: None,
+            fill: FillStats::default(),
             incoming: None,
             vm: None,
             memory_time: Duration::ZERO,
@@ -108,6 +117,38 @@ impl VmDestination {
     pub fn take_vm(&mut self) -> Option<Vm> {
         self.vm.take()
     }
+
+    /// No more memory comes (the `State` frame does this first): the first-fill registration
+    /// ends, so from here anything may touch guest RAM. Returns the RAM as received, before
+    /// any state is restored into the VM (`None` before `Config` or after `State`).
+    pub fn memory_received(&mut self) -> Option<&GuestMemoryMmap> {
+        if let Some(f) = self.fresh.take() {
+            self.fill.copied = f.copied;
+            self.fill.rewritten = f.rewritten;
+            info!(
+                "migration: {} MiB filled into fresh RAM by userfaultfd copies, {} KiB rewritten",
+                f.copied >> 20,
+                f.rewritten >> 10
+            );
+        }
+        self.incoming.as_ref().map(Incoming::memory)
+    }
+
+    /// How the pages were written into the fresh RAM.
+    pub fn fill_stats(&self) -> &FillStats {
+        &self.fill
+    }
+}
+
+/// How a destination wrote received pages into its fresh RAM.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FillStats {
+    /// Bytes written by `userfaultfd` copies (no page clearing, no fault).
+    pub copied: u64,
+    /// Bytes written the ordinary way into pages that already existed (sent again).
+    pub rewritten: u64,
+    /// Why the copies were not used (`None`: they were, or no `Config` yet).
+    pub refused: Option<String>,
 }
 
 impl VmDestination {
@@ -145,12 +186,27 @@ impl Destination for VmDestination {
             .into_iter()
             .map(|(gpa, len)| RamRange { gpa, len })
             .collect();
+        let mem = incoming.memory();
+        self.written = Vec::with_capacity(ranges.len());
+        for (range, region) in ranges.iter().zip(mem.iter()) {
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|e| format!("guest RAM at {:#x}: {e}", range.gpa))?;
+            self.written.push(Written {
+                range: *range,
+                host: host as usize,
+                bits: vec![0u64; (range.len / PAGE_SIZE).div_ceil(64) as usize],
+            });
+        }
+        match fresh_ram(&self.written) {
+            Ok(f) => self.fresh = Some(f),
+            Err(why) => {
+                info!("migration: guest RAM filled by ordinary writes: {why}");
+                self.fill.refused = Some(why);
+            }
+        }
         self.tsc_khz = tsc_khz;
         self.incoming = Some(incoming);
-        self.written = ranges
-            .iter()
-            .map(|r: &RamRange| (*r, vec![0u64; (r.len / PAGE_SIZE).div_ceil(64) as usize]))
-            .collect();
         Ok(ranges)
     }
 
@@ -162,10 +218,10 @@ impl Destination for VmDestination {
             .as_ref()
             .ok_or("memory before the VM was configured")?;
         let mem: &GuestMemoryMmap = inc.memory();
-        let (range, bits) = self
+        let Written { range, host, bits } = self
             .written
             .iter_mut()
-            .find(|(r, _)| r.contains(gpa, len))
+            .find(|w| w.range.contains(gpa, len))
             .ok_or_else(|| format!("{gpa:#x}+{len:#x} is not guest RAM"))?;
         let first = ((gpa - range.gpa) / PAGE_SIZE) as usize;
         let pages = (len / PAGE_SIZE) as usize;
@@ -174,8 +230,15 @@ impl Destination for VmDestination {
                 for p in first..first + pages {
                     bits[p / 64] |= 1 << (p % 64);
                 }
-                mem.write_slice(b, GuestAddress(gpa))
-                    .map_err(|e| e.to_string())
+                match self.fresh.as_mut() {
+                    // SAFETY: `[gpa, gpa + len)` lies inside this RAM range (checked above),
+                    // whose host mapping `incoming` owns; nothing else runs on it yet.
+                    Some(f) => unsafe { f.write(*host + (gpa - range.gpa) as usize, b) }
+                        .map_err(|e| format!("userfaultfd copy: {e}")),
+                    None => mem
+                        .write_slice(b, GuestAddress(gpa))
+                        .map_err(|e| e.to_string()),
+                }
             }
             RunData::Zero => {
                 let mut r = Ok(());
@@ -196,6 +259,9 @@ impl Destination for VmDestination {
     }
 
     fn state(&mut self, json: &[u8]) -> Result<(), String> {
+        // From here on the kernel (KVM) and the vCPUs touch guest RAM: the registration ends
+        // before any of them can meet a missing page (see crate::fresh_ram).
+        self.memory_received();
         let inc = self
             .incoming
             .take()
@@ -242,6 +308,30 @@ fn chain(e: &dyn std::error::Error) -> String {
         next = c.source();
     }
     s
+}
+
+/// One RAM range of the destination: where it is mapped, and which pages hold content.
+struct Written {
+    range: RamRange,
+    /// Host address of the range's first byte.
+    host: usize,
+    /// One bit per page written with content so far.
+    bits: Vec<u64>,
+}
+
+/// Register the fresh RAM for first-fill copies where the kernel says it is anonymous private
+/// memory (the only kind [`FreshRam`] is for); otherwise the reason.
+fn fresh_ram(ranges: &[Written]) -> Result<FreshRam, String> {
+    let host: Vec<(usize, usize)> = ranges
+        .iter()
+        .map(|w| (w.host, w.range.len as usize))
+        .collect();
+    for &(addr, len) in &host {
+        if let Backing::Other(why) = crate::residency::backing(addr, len) {
+            return Err(why);
+        }
+    }
+    FreshRam::register(&host).map_err(|e| format!("userfaultfd: {e}"))
 }
 
 fn zero(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Result<(), String> {

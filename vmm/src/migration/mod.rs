@@ -46,7 +46,7 @@ pub mod receiver;
 pub mod source;
 pub mod transport;
 
-pub use dest::{decode_config_frame, receive_vm, ReceiveReport, VmDestination};
+pub use dest::{decode_config_frame, receive_vm, FillStats, ReceiveReport, VmDestination};
 pub use error::MigrationError;
 pub use source::{send, MigrationProgress, SendReport, SharedProgress};
 

@@ -396,6 +396,10 @@ pub struct FrameReader<R> {
     inner: R,
     frames: u64,
     bytes: u64,
+    /// A payload buffer handed back by [`FrameReader::recycle`], reused for the next frame
+    /// (a receiver reads thousands of 4 MiB memory frames; a fresh buffer each would be
+    /// allocated and cleared each time).
+    spare: Vec<u8>,
 }
 
 /// Read exactly `buf.len()` bytes; `Ok(n)` with `n < buf.len()` at end of stream.
@@ -419,6 +423,14 @@ impl<R: Read> FrameReader<R> {
             inner,
             frames: 0,
             bytes: 0,
+            spare: Vec::new(),
+        }
+    }
+
+    /// Hand a frame's payload buffer back for the next frame to reuse.
+    pub fn recycle(&mut self, frame: Frame) {
+        if frame.payload.capacity() > self.spare.capacity() {
+            self.spare = frame.payload;
         }
     }
 
@@ -461,7 +473,9 @@ impl<R: Read> FrameReader<R> {
         }
         let header = Header::decode(&h)?;
         // The length is bounded by the kind's limit (at most 16 MiB), so this fits memory.
-        let mut payload = vec![0u8; header.length as usize];
+        // A recycled buffer is cleared only where it grows.
+        let mut payload = std::mem::take(&mut self.spare);
+        payload.resize(header.length as usize, 0);
         let got = read_full(&mut self.inner, &mut payload).map_err(|source| ProtocolError::Io {
             what: "read a frame payload",
             source,

@@ -271,7 +271,9 @@ fn receive_inner<R: Read, W: Write, D: Destination>(
         let frame = reader.next_frame()?.ok_or_else(|| ProtocolError::Closed {
             stage: rx.stage().waiting_for(),
         })?;
-        if let Some(kind) = rx.handle_frame(&frame)? {
+        let ack = rx.handle_frame(&frame)?;
+        reader.recycle(frame);
+        if let Some(kind) = ack {
             writer.ack(kind)?;
             writer.flush()?;
         }

@@ -468,7 +468,8 @@ pub fn migration_send_rules() -> KindRules {
 /// The migration receiver: listens, builds the VM from the frames (guest RAM, vCPUs, state),
 /// thaws its time. It spawns the received VM's vCPU threads and `vm-events` forwarder, and the
 /// stdin thread (with the terminal in raw mode) if it builds the first VM with a terminal
-/// console, so it includes [`vcpu_rules`], [`signal_rules`] and [`stdin_rules`].
+/// console, so it includes [`vcpu_rules`], [`signal_rules`] and [`stdin_rules`]. It fills
+/// fresh guest RAM with `userfaultfd`'s copies ([`crate::fresh_ram`]).
 pub fn migration_recv_rules() -> KindRules {
     use libc::*;
     base_rules()
@@ -484,7 +485,12 @@ pub fn migration_recv_rules() -> KindRules {
             SYS_eventfd2,
             SYS_memfd_create,
             SYS_ftruncate,
+            // Fresh RAM: is it anonymous private (/proc/self/maps through crate::residency),
+            // then userfaultfd's copies.
+            SYS_pread64,
+            SYS_userfaultfd,
         ])
+        .io(crate::fresh_ram::IOCTLS)
         .with(create_ioctls())
 }
 
