@@ -232,6 +232,17 @@ impl FreshRam {
     }
 }
 
+/// Register `ranges` (as [`FreshRam::register`]) if the kernel reports every one of them
+/// anonymous private memory, the only kind [`FreshRam`] is for; otherwise why not.
+pub fn register_anonymous(ranges: &[(usize, usize)]) -> Result<FreshRam, String> {
+    for &(addr, len) in ranges {
+        if let crate::residency::Backing::Other(why) = crate::residency::backing(addr, len) {
+            return Err(why);
+        }
+    }
+    FreshRam::register(ranges).map_err(|e| format!("userfaultfd: {e}"))
+}
+
 impl Drop for FreshRam {
     fn drop(&mut self) {
         for &Registered(addr, len) in &self.ranges {

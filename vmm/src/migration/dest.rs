@@ -18,7 +18,6 @@ use super::{receive, Destination, Endpoint, FrameReader, FrameWriter, Listener, 
 use super::{MigrationError, ProtocolError, Receiver};
 use crate::config::VmConfig;
 use crate::fresh_ram::FreshRam;
-use crate::residency::Backing;
 use crate::vcpu::VmEvent;
 use crate::vm::{Incoming, Vm};
 
@@ -198,7 +197,12 @@ impl Destination for VmDestination {
                 bits: vec![0u64; (range.len / PAGE_SIZE).div_ceil(64) as usize],
             });
         }
-        match fresh_ram(&self.written) {
+        let host: Vec<(usize, usize)> = self
+            .written
+            .iter()
+            .map(|w| (w.host, w.range.len as usize))
+            .collect();
+        match crate::fresh_ram::register_anonymous(&host) {
             Ok(f) => self.fresh = Some(f),
             Err(why) => {
                 info!("migration: guest RAM filled by ordinary writes: {why}");
@@ -317,21 +321,6 @@ struct Written {
     host: usize,
     /// One bit per page written with content so far.
     bits: Vec<u64>,
-}
-
-/// Register the fresh RAM for first-fill copies where the kernel says it is anonymous private
-/// memory (the only kind [`FreshRam`] is for); otherwise the reason.
-fn fresh_ram(ranges: &[Written]) -> Result<FreshRam, String> {
-    let host: Vec<(usize, usize)> = ranges
-        .iter()
-        .map(|w| (w.host, w.range.len as usize))
-        .collect();
-    for &(addr, len) in &host {
-        if let Backing::Other(why) = crate::residency::backing(addr, len) {
-            return Err(why);
-        }
-    }
-    FreshRam::register(&host).map_err(|e| format!("userfaultfd: {e}"))
 }
 
 fn zero(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Result<(), String> {

@@ -11,7 +11,6 @@
 //! writes go to private copy-on-write pages) or read into anonymous memory.
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -229,11 +228,13 @@ fn data_extents(file: &File, path: &Path, len: u64) -> Result<Vec<(u64, u64)>, S
 }
 
 /// Read every data extent of `memory.bin` in [`MAX_WRITE`] chunks, page aligned; hand each
-/// non-zero run to `sink` (file offset, bytes) and return the content's `hg64`.
+/// non-zero run to `sink` (file offset, bytes) and return the content's `hg64` (when `hash`;
+/// otherwise that of nothing).
 fn scan(
     file: &File,
     path: &Path,
     len: u64,
+    hash: bool,
     mut sink: impl FnMut(u64, &[u8]) -> Result<(), SnapshotError>,
 ) -> Result<u64, SnapshotError> {
     let mut h = Hasher64::new();
@@ -263,7 +264,9 @@ fn scan(
                     if is_zero(p) {
                         break;
                     }
-                    h.page(pos / page + i as u64, p);
+                    if hash {
+                        h.page(pos / page + i as u64, p);
+                    }
                     i += 1;
                 }
                 sink(
@@ -284,7 +287,7 @@ pub(crate) fn verify(
     len: u64,
     expected: u64,
 ) -> Result<(), SnapshotError> {
-    let found = scan(file, path, len, |_, _| Ok(()))?;
+    let found = scan(file, path, len, true, |_, _| Ok(()))?;
     check(expected, found)
 }
 
@@ -337,8 +340,11 @@ pub(crate) fn map_private(
 }
 
 /// Guest memory read from `memory.bin` into anonymous memory, checked against `expected` on
-/// the way when given. Only the file's data extents are read, straight into guest memory (one
-/// copy, by the kernel); the holes stay untouched zero pages.
+/// the way when given. Only the file's data extents are read, and of them only the non-zero
+/// pages are written: the holes and zero pages stay unpopulated (so a later snapshot or
+/// migration of this VM skips them without reading). The pages are filled with `userfaultfd`
+/// copies where the host allows it (no page clearing, no fault per page; see
+/// [`crate::fresh_ram`]), otherwise written the ordinary way.
 pub(crate) fn copy(
     file: &File,
     path: &Path,
@@ -352,62 +358,138 @@ pub(crate) fn copy(
         .collect();
     let memory =
         GuestMemoryMmap::from_ranges(&ranges).map_err(|e| SnapshotError::Memory(e.to_string()))?;
-    let len = layout.file_len();
-    let page = PAGE as u64;
-    let mut reader = file
-        .try_clone()
-        .map_err(io(path, "duplicate the memory file's descriptor"))?;
-    let mut h = Hasher64::new();
-    {
-        for (off, n) in data_extents(file, path, len)? {
-            // Extents are block aligned; widen to whole pages, then split at region ends.
-            let mut pos = off / page * page;
-            let end = ((off + n).div_ceil(page) * page).min(len);
-            while pos < end {
-                let (ri, r) = layout
+    let mut hosts = Vec::with_capacity(layout.regions.len());
+    for region in memory.iter() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| SnapshotError::Memory(e.to_string()))?;
+        hosts.push((host as usize, region.len() as usize));
+    }
+    let mut fresh = match crate::fresh_ram::register_anonymous(&hosts) {
+        Ok(f) => Some(f),
+        Err(why) => {
+            log::info!("restore: guest RAM filled by ordinary writes: {why}");
+            None
+        }
+    };
+    let found = scan(
+        file,
+        path,
+        layout.file_len(),
+        expected.is_some(),
+        |mut off, mut bytes| {
+            // A run may cross from one region into the next (they lie back to back in the file).
+            while !bytes.is_empty() {
+                let (i, r) = layout
                     .regions
                     .iter()
                     .enumerate()
-                    .find(|(_, r)| pos >= r.file_offset && pos < r.file_offset + r.size)
+                    .find(|(_, r)| off >= r.file_offset && off < r.file_offset + r.size)
                     .ok_or_else(|| {
                         SnapshotError::Memory(format!(
-                            "file offset {pos:#x} is outside every region"
+                            "file offset {off:#x} is outside every region"
                         ))
                     })?;
-                let piece_end = end.min(r.file_offset + r.size);
-                let count = usize::try_from(piece_end - pos).unwrap_or(usize::MAX);
-                let in_region = pos - r.file_offset;
-                reader
-                    .seek(SeekFrom::Start(pos))
-                    .map_err(io(path, "seek in the memory file"))?;
-                memory
-                    .read_exact_volatile_from(
-                        GuestAddress(r.guest_addr + in_region),
-                        &mut reader,
-                        count,
-                    )
-                    .map_err(|e| SnapshotError::Io {
-                        path: path.to_path_buf(),
-                        what: "read guest memory",
-                        source: std::io::Error::other(e.to_string()),
-                    })?;
-                if expected.is_some() {
-                    // Borrowed only now that the kernel has written this piece.
-                    let regions = host_regions(&memory, layout)?;
-                    let bytes = regions[ri].1;
-                    let start = in_region as usize;
-                    for (i, p) in bytes[start..start + count].chunks(PAGE).enumerate() {
-                        if !is_zero(p) {
-                            h.page(pos / page + i as u64, p);
-                        }
-                    }
-                }
-                pos = piece_end;
+                let in_region = off - r.file_offset;
+                let n = bytes.len().min((r.size - in_region) as usize);
+                let (piece, rest) = bytes.split_at(n);
+                let written = match fresh.as_mut() {
+                    // SAFETY: `[in_region, in_region + n)` lies inside region `i`, whose mapping
+                    // `memory` owns; nothing else uses this new memory until `copy` returns.
+                    Some(f) => unsafe { f.write(hosts[i].0 + in_region as usize, piece) },
+                    None => memory
+                        .write_slice(piece, GuestAddress(r.guest_addr + in_region))
+                        .map_err(|e| std::io::Error::other(e.to_string())),
+                };
+                written.map_err(io(path, "write guest memory"))?;
+                off += n as u64;
+                bytes = rest;
             }
-        }
-    }
+            Ok(())
+        },
+    )?;
+    // The registration ends before anything else (KVM, the vCPUs) can touch the RAM.
+    drop(fresh);
     if let Some(e) = expected {
-        check(e, h.finish())?;
+        check(e, found)?;
     }
     Ok(memory)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A distinct, never-zero page for file offset `off`.
+    fn pattern(off: u64) -> Vec<u8> {
+        (0..PAGE as u64)
+            .map(|i| ((off / PAGE as u64) as u8) ^ (i as u8).wrapping_mul(13) | 1)
+            .collect()
+    }
+
+    #[test]
+    fn copy_restores_every_byte_and_populates_only_non_zero_pages() {
+        // Two regions (3 GiB below the 32-bit gap, 64 MiB above), back to back in the file.
+        let layout = MemoryLayout::for_size(3072 * MIB + 64 * MIB).unwrap();
+        assert_eq!(layout.regions.len(), 2);
+        let len = layout.file_len();
+        let r1 = layout.regions[1].file_offset;
+        let page = PAGE as u64;
+        // First and last page of each region, a run crossing from one region into the next,
+        // scattered pages, and a page of zeros written inside a data extent.
+        let mut data: Vec<u64> = vec![0, r1 - 2 * page, r1 - page, r1, r1 + page, len - page];
+        data.extend((1..40u64).map(|k| (k * 7_919 * page + k * k * page) % (r1 - 4 * page)));
+        data.sort_unstable();
+        data.dedup();
+        let zero_written = data[1] + page;
+        assert!(!data.contains(&zero_written));
+        let path = std::env::temp_dir().join(format!("hourglass-copy-{}.bin", std::process::id()));
+        let file = File::create(&path).unwrap();
+        file.set_len(len).unwrap();
+        for &off in &data {
+            file.write_all_at(&pattern(off), off).unwrap();
+        }
+        file.write_all_at(&[0u8; PAGE], zero_written).unwrap();
+        drop(file);
+        let file = File::open(&path).unwrap();
+        let expected = scan(&file, &path, len, true, |_, _| Ok(())).unwrap();
+        let memory = copy(&file, &path, &layout, Some(expected)).unwrap();
+        // A wrong checksum is refused.
+        assert!(matches!(
+            copy(&file, &path, &layout, Some(expected ^ 1)),
+            Err(SnapshotError::Checksum { .. })
+        ));
+
+        // Before anything reads the RAM (a read of a hole maps the shared zero page, which the
+        // kernel then reports present): only the pattern pages hold data of their own.
+        let mut populated = 0;
+        for (region, entry) in memory.iter().zip(&layout.regions) {
+            let host = region.get_host_address(MemoryRegionAddress(0)).unwrap() as usize;
+            let r = crate::residency::scan(host, entry.size as usize);
+            assert_eq!(r.refused, None);
+            populated += r.count();
+        }
+        assert_eq!(populated, data.len(), "holes and zero pages stay unpopulated");
+        for entry in &layout.regions {
+            let mut got = vec![0u8; 8 << 20];
+            let mut want = vec![0u8; 8 << 20];
+            let mut at = 0;
+            while at < entry.size {
+                let n = (entry.size - at).min(got.len() as u64) as usize;
+                memory
+                    .read_slice(&mut got[..n], GuestAddress(entry.guest_addr + at))
+                    .unwrap();
+                file.read_exact_at(&mut want[..n], entry.file_offset + at)
+                    .unwrap();
+                if got[..n] != want[..n] {
+                    let i = (0..n).find(|&i| got[i] != want[i]).unwrap();
+                    panic!("file offset {:#x} differs", entry.file_offset + at + i as u64);
+                }
+                at += n as u64;
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
 }
