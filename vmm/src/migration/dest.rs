@@ -130,6 +130,12 @@ impl VmDestination {
                 f.rewritten >> 10
             );
         }
+        if self.incoming.is_some() {
+            info!(
+                "migration: writing guest memory took {:?} of the receiver's time",
+                self.memory_time
+            );
+        }
         self.incoming.as_ref().map(Incoming::memory)
     }
 

@@ -471,7 +471,11 @@ mod tests {
             assert_eq!(r.refused, None);
             populated += r.count();
         }
-        assert_eq!(populated, data.len(), "holes and zero pages stay unpopulated");
+        assert_eq!(
+            populated,
+            data.len(),
+            "holes and zero pages stay unpopulated"
+        );
         for entry in &layout.regions {
             let mut got = vec![0u8; 8 << 20];
             let mut want = vec![0u8; 8 << 20];
@@ -485,7 +489,10 @@ mod tests {
                     .unwrap();
                 if got[..n] != want[..n] {
                     let i = (0..n).find(|&i| got[i] != want[i]).unwrap();
-                    panic!("file offset {:#x} differs", entry.file_offset + at + i as u64);
+                    panic!(
+                        "file offset {:#x} differs",
+                        entry.file_offset + at + i as u64
+                    );
                 }
                 at += n as u64;
             }
