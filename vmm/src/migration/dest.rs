@@ -10,8 +10,10 @@ use hypervisor::tsc::{ClockPolicy, ThawOrigin};
 use hypervisor::Hypervisor;
 use log::{info, warn};
 use serde::Deserialize;
-use vm_memory::MemoryRegionAddress;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
 
 use super::protocol::{RunData, PAGE_SIZE};
 use super::{receive, Destination, Endpoint, FrameReader, FrameWriter, Listener, RamRange};
