@@ -182,42 +182,76 @@ fn offsets_honoured(g: &Guest) -> bool {
         .expect("offsets_honoured was probed")
 }
 
-/// kvmclock and the TSC agree within 1 µs: at one KVM_GET_CLOCK instant (kvmclock `c`, host
-/// TSC `H`), `c == k + (G_now - G) / f_g` where `G_now = H + O` (no scaling on these hosts) and
-/// `O` is the VM offset the guest really has: the offset KVM reports minus vCPU 0's TSC_ADJUST
+/// kvmclock against the TSC at one KVM_GET_CLOCK instant (kvmclock `c`, host TSC `H`): what
+/// `k + (G_now - G) / f_g` predicts, where `G_now = H + O` (no scaling on these hosts) and `O`
+/// is the VM offset the guest really has: the offset KVM reports minus vCPU 0's TSC_ADJUST
 /// where offsets are honoured, 0 where they are ignored (the guest keeps the host TSC).
-/// Returns `O`.
+struct ClockVsTsc {
+    clock: u64,
+    /// The prediction; a range where KVM gives no host TSC of its own.
+    lo: u64,
+    hi: u64,
+    flags: u32,
+    /// `O`.
+    eff: u64,
+}
+
+impl ClockVsTsc {
+    fn measure(g: &Guest, snap: &TscSnapshot) -> Self {
+        let r = g.vcpus[0].tsc_reading().unwrap();
+        let eff = if offsets_honoured(g) {
+            r.offset.wrapping_sub(r.tsc_adjust)
+        } else {
+            0
+        };
+        let khz = snap.tsc_khz();
+        let h0 = hypervisor::host::rdtsc();
+        let data = g.vm.fd().get_clock().unwrap();
+        let h1 = hypervisor::host::rdtsc();
+        let predict = |h: u64| {
+            snap.kvmclock_ns() + cycles_to_ns(h.wrapping_add(eff).wrapping_sub(snap.vm_tsc()), khz)
+        };
+        // KVM's own host TSC where it gives one (master clock); otherwise (e.g. vCPUs whose
+        // TSC_ADJUST differ, so KVM keeps no master clock) the host TSC bracket around the
+        // ioctl.
+        let (lo, hi) = if data.flags & kvm_bindings::KVM_CLOCK_HOST_TSC != 0 {
+            (predict(data.host_tsc), predict(data.host_tsc))
+        } else {
+            (predict(h0), predict(h1))
+        };
+        ClockVsTsc {
+            clock: data.clock,
+            lo,
+            hi,
+            flags: data.flags,
+            eff,
+        }
+    }
+
+    /// How far kvmclock lies outside the prediction, ns (0 inside it).
+    fn error_ns(&self) -> i64 {
+        if self.clock < self.lo {
+            -((self.lo - self.clock) as i64)
+        } else {
+            self.clock.saturating_sub(self.hi) as i64
+        }
+    }
+}
+
+/// kvmclock and the TSC agree within 1 µs ([`ClockVsTsc`]). Returns `O`.
 fn assert_kvmclock_agrees_with_tsc(g: &Guest, snap: &TscSnapshot, tag: &str) -> u64 {
-    let r = g.vcpus[0].tsc_reading().unwrap();
-    let eff = if offsets_honoured(g) {
-        r.offset.wrapping_sub(r.tsc_adjust)
-    } else {
-        0
-    };
-    let khz = snap.tsc_khz();
-    let h0 = hypervisor::host::rdtsc();
-    let data = g.vm.fd().get_clock().unwrap();
-    let h1 = hypervisor::host::rdtsc();
-    let predict = |h: u64| {
-        snap.kvmclock_ns() + cycles_to_ns(h.wrapping_add(eff).wrapping_sub(snap.vm_tsc()), khz)
-    };
-    // KVM's own host TSC where it gives one (master clock); otherwise (e.g. vCPUs whose
-    // TSC_ADJUST differ, so KVM keeps no master clock) the host TSC bracket around the ioctl.
-    let (lo, hi) = if data.flags & kvm_bindings::KVM_CLOCK_HOST_TSC != 0 {
-        (predict(data.host_tsc), predict(data.host_tsc))
-    } else {
-        (predict(h0), predict(h1))
-    };
+    let m = ClockVsTsc::measure(g, snap);
+    let (lo, hi) = (m.lo, m.hi);
     println!(
         "{tag}: kvmclock {} TSC-predicted {lo}..{hi} (flags {:#x})",
-        data.clock, data.flags
+        m.clock, m.flags
     );
     assert!(
-        data.clock + 1_000 >= lo && data.clock <= hi + 1_000,
+        m.error_ns().unsigned_abs() <= 1_000,
         "{tag}: kvmclock {} vs TSC-predicted {lo}..{hi}: more than 1 us apart",
-        data.clock
+        m.clock
     );
-    eff
+    m.eff
 }
 
 /// For `nested_*` tests: true to run, false (after printing why) to skip; panics when
@@ -667,6 +701,87 @@ fn many_thaws_between_guest_samples_keep_kvmclock_on_the_tsc() {
     assert!(
         diff.abs() <= 1_000,
         "after {THAWS} thaws kvmclock moved {diff} ns more than the TSC says (bound 1000 ns)"
+    );
+}
+
+/// Every thaw, not most, leaves kvmclock within 1 µs of the TSC: 200 freeze/thaw cycles (the
+/// policies in turn, the guest run between them), each checked by the thaw's own report and,
+/// independently, by KVM_GET_CLOCK against the offset the vCPU really has. Prints the
+/// distribution of the remaining error and of the KVM_SET_CLOCK calls it took. (A CI run once
+/// failed `nested_frozen_pause_stops_the_tsc` with kvmclock 1.2 µs ahead: the thaw's
+/// correction used the last call's delay, and on the emulated host the delay has a long tail.)
+#[test]
+fn nested_every_thaw_leaves_kvmclock_on_the_tsc() {
+    const CYCLES: usize = 200;
+    let Some(hv) = kvm_or_skip() else { return };
+    let mut g = Guest::new(hv, 2, &[]);
+    if !nested_or_skip(&g) {
+        return;
+    }
+    let mut errors = Vec::with_capacity(CYCLES);
+    let mut delays = Vec::with_capacity(CYCLES);
+    let mut attempts = Vec::with_capacity(CYCLES);
+    let mut bad = Vec::new();
+    for cycle in 0..CYCLES {
+        for i in 0..2 {
+            g.guest_tsc(i);
+        }
+        let policy = if cycle % 2 == 0 {
+            ClockPolicy::Wallclock
+        } else {
+            ClockPolicy::Frozen
+        };
+        let snap = g.vm.freeze(&g.refs()).expect("freeze").snapshot;
+        let report =
+            g.vm.thaw(&g.refs(), &snap, ThawOrigin::OwnFreeze, policy)
+                .unwrap_or_else(|e| panic!("thaw {cycle}: {e}"));
+        let check = report
+            .kvmclock_check
+            .expect("the KVM backend measures kvmclock after every thaw");
+        let own = ClockVsTsc::measure(&g, &snap).error_ns();
+        errors.push(check.error_ns);
+        delays.push(check.first_error_ns);
+        attempts.push(check.attempts);
+        // Where the TSC followed kvmclock nothing of KVM_SET_CLOCK's delay may be left.
+        let bound = if check.tsc_moved_ns != 0 { 20 } else { 1_000 };
+        if check.error_ns.unsigned_abs() > bound || own.unsigned_abs() > bound {
+            bad.push(format!(
+                "cycle {cycle} ({policy}): report {} ns after {} calls (TSC moved {} ns), \
+                 measured here {own} ns, bound {bound} ns, warnings {:?}",
+                check.error_ns, check.attempts, check.tsc_moved_ns, report.warnings
+            ));
+        }
+    }
+    errors.sort_unstable();
+    delays.sort_unstable();
+    attempts.sort_unstable();
+    let q = |v: &[i64], p: usize| v[(v.len() - 1) * p / 100];
+    let qa = |v: &[u32], p: usize| v[(v.len() - 1) * p / 100];
+    println!(
+        "{CYCLES} thaws: KVM_SET_CLOCK's own delay (first call), ns: min {} p10 {} p50 {} p90 {} \
+         max {}",
+        delays[0],
+        q(&delays, 10),
+        q(&delays, 50),
+        q(&delays, 90),
+        delays[CYCLES - 1]
+    );
+    println!(
+        "{CYCLES} thaws: kvmclock - TSC after the thaw, ns: min {} p50 {} p99 {} max {}; \
+         KVM_SET_CLOCK calls: p50 {} p99 {} max {}",
+        errors[0],
+        q(&errors, 50),
+        q(&errors, 99),
+        errors[CYCLES - 1],
+        qa(&attempts, 50),
+        qa(&attempts, 99),
+        attempts[CYCLES - 1]
+    );
+    assert!(
+        bad.is_empty(),
+        "{} of {CYCLES} thaws left kvmclock off the TSC:\n{}",
+        bad.len(),
+        bad.join("\n")
     );
 }
 

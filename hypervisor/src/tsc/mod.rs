@@ -66,6 +66,6 @@ pub use plan::{
     HostSample, HostTsc, SetClock, ThawPlan, VcpuTscReading,
 };
 pub use policy::{ClockPolicy, ParsePolicyError};
-pub use report::{AppliedPolicy, ClockReport};
+pub use report::{AppliedPolicy, ClockReport, KvmclockCheck};
 pub use state::{RawTscSnapshot, StateError, TscSnapshot, TscSource, TSC_SNAPSHOT_VERSION};
 pub use vendor::{ScalingSpec, Vendor};

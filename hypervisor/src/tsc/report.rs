@@ -69,6 +69,26 @@ pub struct ClockReport {
     /// Why the clock was restored (absent from reports of builds before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<super::origin::ThawOrigin>,
+    /// kvmclock against the guest's TSC as read back after the thaw set it (absent where
+    /// the backend does not measure it, and in reports of builds before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kvmclock_check: Option<KvmclockCheck>,
+}
+
+/// How well kvmclock agreed with the guest's TSC once a thaw had set it: one `KVM_GET_CLOCK`
+/// (kvmclock and host TSC of one instant) against `k + (G_now - G) / f_g`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvmclockCheck {
+    /// kvmclock minus what the TSC implies, ns, at the last read-back (positive: ahead).
+    pub error_ns: i64,
+    /// The same after the first call, which asked for the plan itself: the delay KVM adds.
+    pub first_error_ns: i64,
+    /// `KVM_SET_CLOCK` calls it took to get there.
+    pub attempts: u32,
+    /// How far every vCPU's TSC was moved (forward if positive) to meet the kvmclock the
+    /// host set, ns; included in the report's elapsed time and error bound.
+    #[serde(default)]
+    pub tsc_moved_ns: i64,
 }
 
 impl ClockReport {
@@ -103,6 +123,7 @@ impl ClockReport {
             error_bound_ns: plan.error_bound_ns,
             warnings: plan.warnings.clone(),
             origin: None,
+            kvmclock_check: None,
         }
     }
 }
@@ -126,6 +147,12 @@ mod tests {
             error_bound_ns: 1,
             warnings: vec!["w".into()],
             origin: None,
+            kvmclock_check: Some(KvmclockCheck {
+                error_ns: -3,
+                first_error_ns: 3_000,
+                attempts: 2,
+                tsc_moved_ns: 0,
+            }),
         };
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["policy_requested"], "frozen");
@@ -140,6 +167,8 @@ mod tests {
         }
         assert_eq!(AppliedPolicy::Frozen.name(), ClockPolicy::Frozen.name());
         assert_eq!(v["vendor"], "amd");
+        assert_eq!(v["kvmclock_check"]["error_ns"], -3);
+        assert_eq!(v["kvmclock_check"]["attempts"], 2);
         let back: ClockReport = serde_json::from_value(v).unwrap();
         assert_eq!(back, r);
     }
