@@ -243,7 +243,9 @@ QEMU=(qemu-system-x86_64 -accel "tcg,thread=$TCG_THREAD" -cpu EPYC,+svm -m "$MEM
     -kernel "$KERNEL" -display none -nodefaults -no-user-config -no-reboot)
 INITRD="$N/initrd.gz"
 log "$(qemu-system-x86_64 --version | head -n 1), TCG thread=$TCG_THREAD"
-HOST_APPEND="console=ttyS0 quiet panic=-1 clocksource=tsc tsc=reliable ${NESTED_HOST_APPEND:-}"
+# nokaslr: the host kernel sits at the same addresses in every run, so that an instruction
+# pointer read from a hung host (dump_cpu) names the same function each time.
+HOST_APPEND="console=ttyS0 quiet panic=-1 clocksource=tsc tsc=reliable nokaslr ${NESTED_HOST_APPEND:-}"
 # start_host NAME SMP APPEND EXTRA_QEMU_ARGS...: boots one host in the background, console to
 # $N/console-NAME.log (streamed to stdout with a prefix); sets HOST_PID.
 start_host() {
@@ -252,7 +254,12 @@ start_host() {
     local logf="$N/console-$name.log"
     : >"$logf"
     : >"$N/alive-$name.log"
-    "${QEMU[@]}" -initrd "$INITRD" -smp "$smp" -append "$HOST_APPEND $append" -monitor none \
+    # QEMU's monitor on a pair of FIFOs (QEMU opens both read-write, so nothing blocks): how a
+    # hung host's CPU is read (dump_cpu).
+    rm -f "$N/mon-$name.in" "$N/mon-$name.out"
+    mkfifo "$N/mon-$name.in" "$N/mon-$name.out"
+    "${QEMU[@]}" -initrd "$INITRD" -smp "$smp" -append "$HOST_APPEND $append" \
+        -chardev "pipe,id=mon,path=$N/mon-$name" -mon chardev=mon,mode=readline \
         -serial "file:$logf" -serial "file:$N/alive-$name.log" "$@" </dev/null >"$N/qemu-$name.log" 2>&1 &
     HOST_PID=$!
     PIDS+=("$HOST_PID")
@@ -286,7 +293,7 @@ emulator_fault() {
     grep -q HOURGLASS-NESTED-TESTS-START "$c" || return 1
     grep -q '^HOURGLASS-NESTED-END' "$c" && return 1
     if grep -q 'HOURGLASS-NESTED-ERROR emulated machine hung' "$c"; then
-        what="hung (no heartbeat for $HANG_S s after uptime $(tr -d '\r' <"$N/alive-$1.log" | tail -n 1) s)"
+        what="hung (no heartbeat for $HANG_S s after uptime $(tr -d '\r' <"$N/alive-$1.log" | tail -n 1 | cut -d' ' -f1) s)"
     elif grep -q HOURGLASS-NESTED-ERROR "$c"; then
         return 1
     else
@@ -294,6 +301,23 @@ emulator_fault() {
     fi
     during=$(sed -n 's/^HOURGLASS-NESTED-TEST-START //p' "$c" | tail -n 1)
     EMULATOR_FAULTS+=("host $1 $what during ${during:-?}")
+}
+# dump_cpu NAME: a hung host's emulated CPUs as QEMU's monitor shows them, three times a second
+# apart, into $N/regs-NAME.txt, and its last heartbeats (uptime, memory left, load) and each
+# sample's instruction pointers and halt state into the log: whether the emulated machine
+# spins (where), sleeps, or starved for memory.
+dump_cpu() {
+    local m="$N/mon-$1" out="$N/regs-$1.txt" k
+    log "host $1: its last heartbeats: $(tr -d '\r' <"$N/alive-$1.log" | tail -n 6 | tr '\n' '|')"
+    [ -p "$m.in" ] || return 0
+    : >"$out"
+    for k in 1 2 3; do
+        echo "== sample $k" >>"$out"
+        printf 'info registers -a\n' >"$m.in"
+        timeout 1 cat "$m.out" >>"$out" 2>/dev/null || true
+    done
+    log "host $1: its CPUs (QEMU's monitor, 3 samples 1 s apart; all in $out):" \
+        "$(tr -d '\r' <"$out" | grep -oE '^(CPU#[0-9]+|RIP=[0-9a-f]+)|HLT=[01]|CR3=[0-9a-f]+' | tr '\n' ' ')"
 }
 # alive_age NAME: sets AGE to the seconds since NAME's heartbeat last grew (0 before the first
 # beat). Not a $(...) function: it keeps its state in the shell's own arrays.
@@ -317,6 +341,7 @@ finish() {
         alive_age "$1"
         if [ "$AGE" -ge "$HANG_S" ]; then
             log "host $1: no heartbeat for $HANG_S s, the emulated machine is hung: killed"
+            dump_cpu "$1"
             kill "$2" 2>/dev/null || true
             echo "HOURGLASS-NESTED-ERROR emulated machine hung (no heartbeat for $HANG_S s)" >>"$N/console-$1.log"
             break
