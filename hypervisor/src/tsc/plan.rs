@@ -133,37 +133,6 @@ pub struct ThawPlan {
     pub error_bound_ns: u64,
 }
 
-impl ThawPlan {
-    /// The plan with the guest's TSC moved by `ns` (positive: forward), as a thaw does to
-    /// meet the kvmclock the host really set (the KVM backend's `set_clock_verified`): `G'`,
-    /// `O'`, every vCPU's offset and the elapsed time move by the same amount and the error
-    /// bound grows by it. `None` where that would put `G'` before the frozen `G`.
-    pub fn tsc_moved(&self, ns: i64, khz: u32) -> Option<ThawPlan> {
-        let elapsed_ns = self.elapsed_ns.checked_add_signed(ns)?;
-        let cycles = ns_to_cycles(ns.unsigned_abs(), khz);
-        let elapsed_cycles = if ns >= 0 {
-            self.elapsed_cycles.checked_add(cycles)?
-        } else {
-            self.elapsed_cycles.checked_sub(cycles)?
-        };
-        let d = if ns >= 0 {
-            cycles
-        } else {
-            cycles.wrapping_neg()
-        };
-        let mut p = self.clone();
-        p.elapsed_ns = elapsed_ns;
-        p.elapsed_cycles = elapsed_cycles;
-        p.guest_tsc = p.guest_tsc.wrapping_add(d);
-        p.vm_offset = p.vm_offset.wrapping_add(d);
-        for o in &mut p.vcpu_offsets {
-            *o = o.wrapping_add(d);
-        }
-        p.error_bound_ns = p.error_bound_ns.saturating_add(ns.unsigned_abs() + 1);
-        Some(p)
-    }
-}
-
 /// The largest error, ns, of a thaw's elapsed time against what its policy means to show.
 ///
 /// - [`Elapsed::Zero`], [`Elapsed::SameHostTsc`], [`Elapsed::ActualTsc`]: the guest TSC is
@@ -479,45 +448,6 @@ pub fn plan_for_actual_tsc(
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn tsc_moved_moves_every_offset_and_never_before_the_frozen_tsc() {
-        use super::{ClockPolicy, Elapsed, SetClock, ThawPlan};
-        let plan = ThawPlan {
-            policy: ClockPolicy::Frozen,
-            elapsed: Elapsed::Zero,
-            elapsed_ns: 0,
-            elapsed_cycles: 0,
-            guest_tsc: 1_000_000,
-            vm_offset: 500,
-            vcpu_offsets: vec![500, 700],
-            tsc_adjust: vec![0, 200],
-            set_clock: SetClock {
-                clock_ns: 9,
-                realtime_ns: 10,
-            },
-            warnings: vec![],
-            error_bound_ns: 2,
-        };
-        // 2 GHz: 3 µs are 6000 cycles.
-        let m = plan.tsc_moved(3_000, 2_000_000).unwrap();
-        assert_eq!(m.guest_tsc, 1_006_000);
-        assert_eq!(m.vm_offset, 6_500);
-        assert_eq!(m.vcpu_offsets, [6_500, 6_700]);
-        assert_eq!((m.elapsed_ns, m.elapsed_cycles), (3_000, 6_000));
-        assert_eq!(m.error_bound_ns, 3_003);
-        assert_eq!(
-            (m.tsc_adjust.clone(), m.set_clock),
-            (plan.tsc_adjust.clone(), plan.set_clock)
-        );
-        let back = m.tsc_moved(-1_000, 2_000_000).unwrap();
-        assert_eq!((back.guest_tsc, back.elapsed_cycles), (1_004_000, 4_000));
-        assert_eq!(
-            plan.tsc_moved(-1, 2_000_000),
-            None,
-            "frozen: never before G"
-        );
-    }
-
     use super::HostSample;
 
     const SAMPLE: HostSample = HostSample {

@@ -85,10 +85,6 @@ pub struct KvmclockCheck {
     pub first_error_ns: i64,
     /// `KVM_SET_CLOCK` calls it took to get there.
     pub attempts: u32,
-    /// How far every vCPU's TSC was moved (forward if positive) to meet the kvmclock the
-    /// host set, ns; included in the report's elapsed time and error bound.
-    #[serde(default)]
-    pub tsc_moved_ns: i64,
 }
 
 impl ClockReport {
@@ -151,7 +147,6 @@ mod tests {
                 error_ns: -3,
                 first_error_ns: 3_000,
                 attempts: 2,
-                tsc_moved_ns: 0,
             }),
         };
         let v = serde_json::to_value(&r).unwrap();

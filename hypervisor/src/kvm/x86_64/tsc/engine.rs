@@ -8,9 +8,7 @@
 
 use kvm_ioctls::{VcpuFd, VmFd};
 
-use super::verify::{
-    clock_error, clock_error_warning, effective_offset, set_clock_verified, within,
-};
+use super::verify::{clock_error_warning, effective_offset, set_clock_verified, within};
 use crate::arch::{msr, MsrEntry};
 use crate::error::HypervisorError;
 use crate::host::rdtsc;
@@ -19,8 +17,8 @@ use crate::kvm::x86_64::convert;
 use crate::kvm::{bracketed_guest_tsc, clock};
 use crate::tsc::{
     self, capture, compute_ratio, plan_for_actual_tsc, plan_thaw, plan_thaw_elapsed, scale_tsc,
-    tsc_ratio, Capture, ClockPolicy, ClockReport, Elapsed, HostSample, HostTsc, KvmclockCheck,
-    ThawOrigin, ThawPlan, TscSnapshot, VcpuTscReading, Vendor,
+    tsc_ratio, Capture, ClockPolicy, ClockReport, Elapsed, HostSample, HostTsc, ThawOrigin,
+    ThawPlan, TscSnapshot, VcpuTscReading, Vendor,
 };
 
 /// The warning every report on a host that ignores offsets carries (in the log).
@@ -394,19 +392,7 @@ fn thaw_inner<V: TimeVcpu + ?Sized>(
             });
     }
 
-    // Where every vCPU's offset can be written exactly, the TSC meets the kvmclock KVM set
-    // (never going before the frozen `G`); elsewhere kvmclock is set until it meets the TSC.
-    let tsc_room = ctx
-        .tsc_offset_attr
-        .then(|| i64::try_from(plan.elapsed_ns).map_or(i64::MIN, |e| -e));
-    let check = set_clock_verified(vm, ctx.clock_realtime, snap, &plan, &now, &host, tsc_room)?;
-    let (plan, check, applied) = match plan.tsc_moved(check.tsc_moved_ns, snap.tsc_khz()) {
-        Some(moved) if check.tsc_moved_ns != 0 => {
-            let (check, applied) = follow_kvmclock(vm, vcpus, snap, &moved, &now, &host, check)?;
-            (moved, check, Some(applied))
-        }
-        _ => (plan, check, applied),
-    };
+    let check = set_clock_verified(vm, ctx.clock_realtime, snap, &plan, &now, &host)?;
     let mut report = ClockReport::from_plan(
         policy,
         &plan,
@@ -420,31 +406,6 @@ fn thaw_inner<V: TimeVcpu + ?Sized>(
     report.warnings.extend(clock_error_warning(&check));
     report.kvmclock_check = Some(check);
     Ok(report)
-}
-
-/// Move every vCPU's TSC to `moved` (the plan shifted by `check.tsc_moved_ns`), so that it
-/// meets the kvmclock KVM set, and measure the two again. Returns the check with the new
-/// error, and the VM offset read back from vCPU 0.
-fn follow_kvmclock<V: TimeVcpu + ?Sized>(
-    vm: &VmFd,
-    vcpus: &[&V],
-    snap: &TscSnapshot,
-    moved: &ThawPlan,
-    now: &HostSample,
-    host: &HostTsc,
-    mut check: KvmclockCheck,
-) -> Result<(KvmclockCheck, u64), HypervisorError> {
-    for (v, o) in vcpus.iter().zip(&moved.vcpu_offsets) {
-        attr::set_tsc_offset(v.vcpu_fd(), *o)?;
-    }
-    let applied = attr::tsc_offset(vcpus[0].vcpu_fd())?.wrapping_sub(moved.tsc_adjust[0]);
-    let eff = moved.guest_tsc.wrapping_sub(scale_tsc(
-        now.host_tsc,
-        host.ratio,
-        host.vendor.scaling().frac_bits,
-    ));
-    check.error_ns = clock_error(vm, snap, eff, host)?.0;
-    Ok((check, applied))
 }
 
 /// Thaw where offsets are not honoured: no offset writes, kvmclock follows the real TSC.
@@ -486,7 +447,7 @@ fn thaw_host_tsc<V: TimeVcpu + ?Sized>(
         // The TSC is what it is: MSRs held back for it can go in now.
         v.tsc_in_place()?;
     }
-    let check = set_clock_verified(vm, ctx.clock_realtime, snap, &plan, now, host, None)?;
+    let check = set_clock_verified(vm, ctx.clock_realtime, snap, &plan, now, host)?;
     let mut report = ClockReport::from_plan(
         policy,
         &plan,
