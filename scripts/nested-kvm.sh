@@ -34,7 +34,8 @@
 # host runs in the background before its tests, for experiments on the host, e.g. a
 # memory-compaction loop), NESTED_KVM_AMD_PARAMS (kvm_amd's module parameters in the host,
 # e.g. npt=0), NESTED_HOST_APPEND (more kernel parameters for the emulated host, e.g. nohz=off),
-# NESTED_EMULATOR_RETRIES (1; see emulator_fault below), NESTED_BZIMAGE=1
+# NESTED_EMULATOR_RETRIES (1; see emulator_fault below), NESTED_TEST_ENV (NAME=VALUE pairs
+# exported to the tests inside), NESTED_BZIMAGE=1
 # (boot the compressed vmlinuz instead of the extracted PVH vmlinux: about 8 s slower a boot).
 set -euo pipefail
 
@@ -172,6 +173,9 @@ cp "$BUSYBOX" "$S/bin/busybox"
 for a in $("$BUSYBOX" --list); do
     [ "$a" = busybox ] || ln -sf busybox "$S/bin/$a"
 done
+for kv in ${NESTED_TEST_ENV:-}; do
+    [[ "$kv" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || summary_fail "NESTED_TEST_ENV: '$kv' is not NAME=VALUE"
+done
 cp "$ROOT/scripts/nested/init" "$S/init"
 chmod 755 "$S/init"
 cp "$KD"/mods/*.ko "$S/modules/"
@@ -182,6 +186,9 @@ cp "$N/tests.tsv" "$S/etc/hourglass-nested/tests"
     echo "SHARE_WAIT_S=$TIMEOUT_S"
     echo "PEER_WAIT_S=$TIMEOUT_S"
     echo "KVM_AMD_PARAMS='${NESTED_KVM_AMD_PARAMS:-}'"
+    # NESTED_TEST_ENV: space-separated NAME=VALUE pairs exported to the tests (and the VMMs
+    # they start), e.g. HOURGLASS_NO_USERFAULTFD=1.
+    for kv in ${NESTED_TEST_ENV:-}; do printf 'export %q\n' "$kv"; done
 } >"$S/etc/hourglass-nested/env"
 printf '%s\n' "${NESTED_HOST_SETUP:-}" >"$S/etc/hourglass-nested/setup.sh"
 # The executables keep their absolute paths (so CARGO_BIN_EXE_* and friends stay valid), without
@@ -313,7 +320,9 @@ dump_cpu() {
     : >"$out"
     for k in 1 2 3; do
         echo "== sample $k" >>"$out"
-        printf 'info registers -a\n' >"$m.in"
+        # The registers; the stack; the memory the first callee-saved register points to (a
+        # spinning kernel loop keeps its state there: which stop_machine, which lock).
+        printf 'info registers -a\nx/32gx $esp\nx/8gx $ebx\nx/4i $pc\n' >"$m.in"
         timeout 1 cat "$m.out" >>"$out" 2>/dev/null || true
     done
     log "host $1: its CPUs (QEMU's monitor, 3 samples 1 s apart; all in $out):" \
@@ -391,7 +400,9 @@ elif [ "$TWO_HOSTS" = 0 ]; then
         grep '^HOURGLASS-NESTED-RESULT ' "$N/console-S.round$round.log" >>"$N/results-earlier-S.log" || true
         awk -F'\t' 'FILENAME == ARGV[1] { if ($1 == "HOURGLASS-NESTED-RESULT") done[$4 " " $5] = 1; next }
             { n = split($1, p, "/"); if (!((p[n] " " $3) in done)) print }' \
-            <(tr ' ' '\t' <"$N/results-earlier-S.log") "$INITRD_TESTS" >"$N/tests-retry.tsv"
+            <(tr ' ' '\t' <"$N/results-earlier-S.log") "$INITRD_TESTS" >"$N/tests-retry.next"
+        # A file of its own first: from the second retry on, the list read is tests-retry.tsv.
+        mv "$N/tests-retry.next" "$N/tests-retry.tsv"
         INITRD_TESTS="$N/tests-retry.tsv"
         round=$((round + 1))
         log "emulator fault ${#EMULATOR_FAULTS[@]} of at most $RETRIES retried: ${EMULATOR_FAULTS[-1]}; round $round runs the $(wc -l <"$INITRD_TESTS") test(s) without a result on a fresh host"

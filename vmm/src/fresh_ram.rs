@@ -232,9 +232,18 @@ impl FreshRam {
     }
 }
 
+/// Environment variable that turns the userfaultfd fill off (`1`): the destination and a
+/// copy-mode restore then write received memory the ordinary way. For comparing the two paths
+/// (issue 18's nested hangs) and as a way out on a host whose userfaultfd misbehaves.
+pub const DISABLE_ENV: &str = "HOURGLASS_NO_USERFAULTFD";
+
 /// Register `ranges` (as [`FreshRam::register`]) if the kernel reports every one of them
-/// anonymous private memory, the only kind [`FreshRam`] is for; otherwise why not.
+/// anonymous private memory, the only kind [`FreshRam`] is for, and [`DISABLE_ENV`] does not
+/// turn it off; otherwise why not.
 pub fn register_anonymous(ranges: &[(usize, usize)]) -> Result<FreshRam, String> {
+    if std::env::var_os(DISABLE_ENV).is_some_and(|v| v == "1") {
+        return Err(format!("turned off by {DISABLE_ENV}=1"));
+    }
     for &(addr, len) in ranges {
         if let crate::residency::Backing::Other(why) = crate::residency::backing(addr, len) {
             return Err(why);
