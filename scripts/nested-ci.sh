@@ -24,7 +24,7 @@
 # printed and counted in the step's summary line (scripts/nested-kvm.sh, emulator_fault): one in
 # steps 2 and 3, three in step 1, whose hosts are declared hung after 60 s without a heartbeat
 # (beats come every 5.1-5.6 s in healthy rounds, Linux boots included). On 2026-12-06, on a quiet
-# machine, step 1's host hung in 7 of 11 rounds (3 of 4 runs red with one retry); the five
+# machine, step 1's host hung in 7 of its 8 rounds (3 of 4 runs red with one or two retries); the five
 # hangs read through QEMU's monitor (scripts/nested-kvm.sh, dump_cpu) were all the emulated
 # machine's: four times its kernel spinning with interrupts on in a cross-CPU wait on a machine
 # with one CPU (stop_machine's multi_cpu_stop three times, smp_call_function_many_cond's
