@@ -247,7 +247,8 @@ trap 'exit 130' INT TERM
 TCG_THREAD=${NESTED_TCG_THREAD:-multi}
 case "$TCG_THREAD" in single | multi) ;; *) summary_fail "NESTED_TCG_THREAD must be single or multi, not '$TCG_THREAD'" ;; esac
 QEMU=(qemu-system-x86_64 -accel "tcg,thread=$TCG_THREAD" -cpu EPYC,+svm -m "$MEM_MB"
-    -kernel "$KERNEL" -display none -nodefaults -no-user-config -no-reboot)
+    -kernel "$KERNEL" -display none -nodefaults -no-user-config -no-reboot
+    -name hourglass-nested,debug-threads=on)
 INITRD="$N/initrd.gz"
 log "$(qemu-system-x86_64 --version | head -n 1), TCG thread=$TCG_THREAD"
 # nokaslr: the host kernel sits at the same addresses in every run, so that an instruction
@@ -313,9 +314,20 @@ emulator_fault() {
 # apart, into $N/regs-NAME.txt, and its last heartbeats (uptime, memory left, load) and each
 # sample's instruction pointers and halt state into the log: whether the emulated machine
 # spins (where), sleeps, or starved for memory.
+# threads_cpu PID: QEMU's threads, each as name:state:CPU ticks used (utime + stime).
+threads_cpu() {
+    local t
+    for t in /proc/"$1"/task/*; do
+        awk '{ sub(/^[^)]*\) /, ""); n = $0 } END { split(n, f, " "); printf "%s:%s:%d ", c, f[1], f[12] + f[13] }' \
+            c="$(tr -d ' ' <"$t/comm" 2>/dev/null)" "$t/stat" 2>/dev/null || true
+    done
+}
 dump_cpu() {
-    local m="$N/mon-$1" out="$N/regs-$1.txt" k
+    local m="$N/mon-$1" out="$N/regs-$1.txt" k t0
     log "host $1: its last heartbeats: $(tr -d '\r' <"$N/alive-$1.log" | tail -n 6 | tr '\n' '|')"
+    # Whether QEMU's vCPU threads still execute (ticks grow) or wait (they do not): a spinning
+    # guest and a stuck emulator look alike from the registers alone.
+    [ -z "${2:-}" ] || t0=$(threads_cpu "$2")
     [ -p "$m.in" ] || return 0
     : >"$out"
     for k in 1 2 3; do
@@ -327,6 +339,7 @@ dump_cpu() {
     done
     log "host $1: its CPUs (QEMU's monitor, 3 samples 1 s apart; all in $out):" \
         "$(tr -d '\r' <"$out" | grep -oE '^(CPU#[0-9]+|RIP=[0-9a-f]+)|HLT=[01]|CR3=[0-9a-f]+' | tr '\n' ' ')"
+    [ -z "${2:-}" ] || log "host $1: QEMU's threads (name:state:CPU ticks), before and ~3 s after: $t0| $(threads_cpu "$2")"
 }
 # alive_age NAME: sets AGE to the seconds since NAME's heartbeat last grew (0 before the first
 # beat). Not a $(...) function: it keeps its state in the shell's own arrays.
@@ -350,7 +363,7 @@ finish() {
         alive_age "$1"
         if [ "$AGE" -ge "$HANG_S" ]; then
             log "host $1: no heartbeat for $HANG_S s, the emulated machine is hung: killed"
-            dump_cpu "$1"
+            dump_cpu "$1" "$2"
             kill "$2" 2>/dev/null || true
             echo "HOURGLASS-NESTED-ERROR emulated machine hung (no heartbeat for $HANG_S s)" >>"$N/console-$1.log"
             break
