@@ -26,11 +26,11 @@
 # and there are five; a CI run that day needed more than three), whose hosts are declared hung after
 # 60 s without a heartbeat (beats come every 5.1-5.6 s in healthy rounds, Linux boots
 # included). On 2026-12-06, on a quiet machine, step 1's host hung in 7 of its 8 rounds, then in
-# 4 rounds of 4 in a CI run and 2 of 2 in another (last session: none in 9 runs). Of the eleven
-# hangs read through QEMU's monitor (scripts/nested-kvm.sh, dump_cpu), eight show the emulated
+# 4 rounds of 4 in a CI run and 2 of 2 in another (last session: none in 9 runs). Of the twelve
+# hangs read through QEMU's monitor (scripts/nested-kvm.sh, dump_cpu), ten show the emulated
 # CPU inside the two-vCPU Linux guest, spinning in a cross-vCPU wait (stop_machine's
-# multi_cpu_stop 5x, smp_call_function_many_cond's csd lock 3x, __timer_delete_sync 1x), two
-# more a loop at one boot-time guest address (a bzImage guest's addresses are
+# multi_cpu_stop 5x, smp_call_function_many_cond's csd lock 3x, __timer_delete_sync 1x,
+# cpu_init 1x), two more a loop at one boot-time guest address (a bzImage guest's addresses are
 # KASLR'd, a PVH guest's are the host's own with nokaslr, the same kernel), every register
 # unchanged over 3 s, and never leaving guest mode, so the host never runs the guest's other
 # vCPU thread and never beats again. On a real CPU the host's timer interrupt (KVM intercepts
