@@ -111,7 +111,8 @@ pub(super) fn clock_error(
 /// [`CLOCK_TOLERANCE_NS`]; after [`CLOCK_MAX_ATTEMPTS`] the report warns. The median, not the
 /// last delay (the first version: the error left was the difference of two delays, 1.2 µs
 /// once in a CI run) and not the smallest (its errors are all of one sign and add up over
-/// pauses, +250 ns per thaw in a nested run). kvmclock is never set below the frozen `k`.
+/// pauses, +250 ns per thaw in a nested run). The value may be below the frozen `k` by at most
+/// the realtime KVM adds for the time since the sample, so the guest never sees less than `k`.
 ///
 /// Moving the TSC instead (one call, then every vCPU's offset moved by the measured error,
 /// exact) was tried and dropped: the moves add up in the TSC itself, and a same-host resume
@@ -148,7 +149,6 @@ pub(super) fn set_clock_verified(
 /// [`set_clock_verified`]): the plan less the median delay KVM added.
 struct ClockAim {
     planned: u64,
-    target: u64,
     /// The delays seen, ns, in order.
     delays: Vec<i64>,
     check: KvmclockCheck,
@@ -158,7 +158,6 @@ impl ClockAim {
     fn new(planned: u64) -> Self {
         ClockAim {
             planned,
-            target: planned,
             delays: Vec::with_capacity(CLOCK_MAX_ATTEMPTS as usize),
             check: KvmclockCheck {
                 error_ns: 0,
@@ -168,12 +167,19 @@ impl ClockAim {
         }
     }
 
-    /// The value to ask for, never below `lowest` (mod 2^64).
+    /// The value to ask for: the plan less the median delay seen (the plan itself before
+    /// any), never below `lowest` (mod 2^64).
     fn target(&self, lowest: u64) -> u64 {
-        if (self.target.wrapping_sub(lowest) as i64) < 0 {
+        let median = self
+            .delays
+            .get(self.delays.len().saturating_sub(1) / 2)
+            .copied()
+            .unwrap_or(0);
+        let target = self.planned.wrapping_sub(median as u64);
+        if (target.wrapping_sub(lowest) as i64) < 0 {
             lowest
         } else {
-            self.target
+            target
         }
     }
 
@@ -185,7 +191,7 @@ impl ClockAim {
 
     /// Records `error` (kvmclock minus the TSC's prediction, ns) measured after asking for
     /// `asked`, with `slack` ns of measurement uncertainty. Returns whether to call again
-    /// (with the new target).
+    /// (with the new [`target`](Self::target)).
     fn record(&mut self, asked: u64, error: i64, slack: u64) -> bool {
         self.check.attempts += 1;
         self.check.error_ns = error;
@@ -201,8 +207,6 @@ impl ClockAim {
         let added = error.wrapping_add(self.planned.wrapping_sub(asked) as i64);
         let at = self.delays.partition_point(|d| *d < added);
         self.delays.insert(at, added);
-        let median = self.delays[(self.delays.len() - 1) / 2];
-        self.target = self.planned.wrapping_sub(median as u64);
         true
     }
 
@@ -210,6 +214,7 @@ impl ClockAim {
         self.check
     }
 }
+
 /// A report warning when kvmclock still disagrees with the TSC by more than the tolerance.
 pub(super) fn clock_error_warning(check: &KvmclockCheck) -> Option<String> {
     let e = check.error_ns;
