@@ -35,7 +35,8 @@
 # memory-compaction loop), NESTED_KVM_AMD_PARAMS (kvm_amd's module parameters in the host,
 # e.g. npt=0), NESTED_HOST_APPEND (more kernel parameters for the emulated host, e.g. nohz=off),
 # NESTED_EMULATOR_RETRIES (1; see emulator_fault below), NESTED_TEST_ENV (NAME=VALUE pairs
-# exported to the tests inside), NESTED_BZIMAGE=1
+# exported to the tests inside), NESTED_QEMU (the emulator binary, to compare QEMU builds),
+# NESTED_BZIMAGE=1
 # (boot the compressed vmlinuz instead of the extracted PVH vmlinux: about 8 s slower a boot).
 set -euo pipefail
 
@@ -246,11 +247,14 @@ trap 'exit 130' INT TERM
 # nested SVM sometimes restores the host's state and stays in guest mode (issue 18).
 TCG_THREAD=${NESTED_TCG_THREAD:-multi}
 case "$TCG_THREAD" in single | multi) ;; *) summary_fail "NESTED_TCG_THREAD must be single or multi, not '$TCG_THREAD'" ;; esac
-QEMU=(qemu-system-x86_64 -accel "tcg,thread=$TCG_THREAD" -cpu EPYC,+svm -m "$MEM_MB"
+# NESTED_QEMU: the emulator binary (default: Debian's qemu-system-x86_64 on PATH), to compare
+# another QEMU build against the same tests (docs/design.md section 9).
+QEMU_BIN=${NESTED_QEMU:-qemu-system-x86_64}
+QEMU=("$QEMU_BIN" -accel "tcg,thread=$TCG_THREAD" -cpu EPYC,+svm -m "$MEM_MB"
     -kernel "$KERNEL" -display none -nodefaults -no-user-config -no-reboot
     -name hourglass-nested,debug-threads=on)
 INITRD="$N/initrd.gz"
-log "$(qemu-system-x86_64 --version | head -n 1), TCG thread=$TCG_THREAD"
+log "$("$QEMU_BIN" --version | head -n 1), TCG thread=$TCG_THREAD"
 # nokaslr: the host kernel sits at the same addresses in every run, so that an instruction
 # pointer read from a hung host (dump_cpu) names the same function each time.
 HOST_APPEND="console=ttyS0 quiet panic=-1 clocksource=tsc tsc=reliable nokaslr ${NESTED_HOST_APPEND:-}"
@@ -334,12 +338,30 @@ dump_cpu() {
         echo "== sample $k" >>"$out"
         # The registers; the stack; the memory the first callee-saved register points to (a
         # spinning kernel loop keeps its state there: which stop_machine, which lock).
-        printf 'info registers -a\nx/32gx $esp\nx/8gx $ebx\nx/4i $pc\n' >"$m.in"
+        # And the host's own local APIC (timer mode and count, IRR/ISR/TPR): whether the
+        # interrupt that would take the CPU out of a guest is armed, pending or blocked.
+        printf 'info registers -a\nx/32gx $esp\nx/8gx $ebx\nx/4i $pc\ninfo lapic\n' >"$m.in"
         timeout 1 cat "$m.out" >>"$out" 2>/dev/null || true
     done
     log "host $1: its CPUs (QEMU's monitor, 3 samples 1 s apart; all in $out):" \
-        "$(tr -d '\r' <"$out" | grep -oE '^(CPU#[0-9]+|RIP=[0-9a-f]+)|HLT=[01]|CR3=[0-9a-f]+' | tr '\n' ' ')"
+        "$(tr -d '\r' <"$out" | grep -oE '^(CPU#[0-9]+|RIP=[0-9a-f]+)|RFL=[0-9a-f]+|HLT=[01]|CR3=[0-9a-f]+' | tr '\n' ' ')"
+    log "host $1: its local APIC at the last sample: $(tr -d '\r' <"$out" | sed -n '/dumping local APIC/,$p' |
+        grep -E '^(LVTT|Timer|ISR|IRR|APR|ESR|ICR)' | tr -s ' ' | tr '\n' '|')"
     [ -z "${2:-}" ] || log "host $1: QEMU's threads (name:state:CPU ticks), before and ~3 s after: $t0| $(threads_cpu "$2")"
+    # Where each QEMU thread is: its kernel wait channel and a backtrace (Debian's QEMU is
+    # stripped, so frames inside QEMU are bare addresses; libc's name the wait, if any).
+    if [ -n "${2:-}" ]; then
+        log "host $1: QEMU's threads' wait channels: $(for t in /proc/"$2"/task/*; do
+            printf '%s:%s ' "$(tr -d ' ' <"$t/comm" 2>/dev/null)" "$(cat "$t/wchan" 2>/dev/null)"
+        done)"
+        if command -v gdb >/dev/null; then
+            timeout 60 gdb -p "$2" -batch -ex 'info threads' -ex 'thread apply all bt 12' \
+                >"$N/gdb-$1.txt" 2>&1 || true
+            log "host $1: QEMU's backtraces in $N/gdb-$1.txt; the vCPU threads': $(
+                awk '/^Thread .*CPU/ { p = 1; print; next } /^Thread / { p = 0 } p && /^#[0-4] / { print }' \
+                    "$N/gdb-$1.txt" | tr -s ' ' | cut -c1-160 | tr '\n' '|')"
+        fi
+    fi
 }
 # alive_age NAME: sets AGE to the seconds since NAME's heartbeat last grew (0 before the first
 # beat). Not a $(...) function: it keeps its state in the shell's own arrays.
