@@ -37,6 +37,11 @@
 # INTR) ends the guest's time slice; a process in the host, our VMM included, cannot stop that.
 # Our userfaultfd fill is not the trigger: with it off (HOURGLASS_NO_USERFAULTFD=1) the host
 # hung as often, once in the round's first Linux boot.
+# Five later hangs, read with the host's own local APIC and QEMU's threads: QEMU's vCPU
+# thread runs flat out, the host's timer interrupt (vector 236) waits in the APIC's IRR,
+# unmasked, and the guest spins on `pause`, which KVM does not intercept here (TCG offers no
+# PAUSE filter). A real CPU would exit to the host on that interrupt; QEMU 7.2 and 10.0.2
+# (3 of 4 rounds hung) do not. docs/design.md section 9 has the detail.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
