@@ -36,7 +36,8 @@
 # e.g. npt=0), NESTED_HOST_APPEND (more kernel parameters for the emulated host, e.g. nohz=off),
 # NESTED_EMULATOR_RETRIES (1; see emulator_fault below), NESTED_TEST_ENV (NAME=VALUE pairs
 # exported to the tests inside), NESTED_QEMU (the emulator binary, to compare QEMU builds),
-# NESTED_BZIMAGE=1
+# NESTED_GDB_SCRIPT (a gdb script run against QEMU when a host hangs, for a QEMU with debug
+# info), NESTED_BZIMAGE=1
 # (boot the compressed vmlinuz instead of the extracted PVH vmlinux: about 8 s slower a boot).
 set -euo pipefail
 
@@ -257,7 +258,12 @@ INITRD="$N/initrd.gz"
 log "$("$QEMU_BIN" --version | head -n 1), TCG thread=$TCG_THREAD"
 # nokaslr: the host kernel sits at the same addresses in every run, so that an instruction
 # pointer read from a hung host (dump_cpu) names the same function each time.
-HOST_APPEND="console=ttyS0 quiet panic=-1 clocksource=tsc tsc=reliable nokaslr ${NESTED_HOST_APPEND:-}"
+# highres=off nohz=off: the host's local APIC timer ticks periodically (issue 18, docs/design.md
+# section 9). QEMU's VMRUN emulation can overwrite the request that tells the emulated CPU to
+# look at its APIC (a lost interrupt); with a one-shot timer that is re-armed only by its own
+# interrupt the host then never takes an interrupt again, while a periodic timer asks again on
+# the next tick by itself.
+HOST_APPEND="console=ttyS0 quiet panic=-1 clocksource=tsc tsc=reliable nokaslr highres=off nohz=off ${NESTED_HOST_APPEND:-}"
 # start_host NAME SMP APPEND EXTRA_QEMU_ARGS...: boots one host in the background, console to
 # $N/console-NAME.log (streamed to stdout with a prefix); sets HOST_PID.
 start_host() {
@@ -360,6 +366,12 @@ dump_cpu() {
             log "host $1: QEMU's backtraces in $N/gdb-$1.txt; the vCPU threads': $(
                 awk '/^Thread .*CPU/ { p = 1; print; next } /^Thread / { p = 0 } p && /^#[0-4] / { print }' \
                     "$N/gdb-$1.txt" | tr -s ' ' | cut -c1-160 | tr '\n' '|')"
+            # A QEMU built with debug info can say more: NESTED_GDB_SCRIPT runs a gdb script
+            # against it (scripts/nested/qemu-hang.gdb reads the emulated CPU's interrupt state).
+            if [ -n "${NESTED_GDB_SCRIPT:-}" ]; then
+                timeout 120 gdb -p "$2" -batch -x "$NESTED_GDB_SCRIPT" >"$N/gdb-script-$1.txt" 2>&1 || true
+                log "host $1: $NESTED_GDB_SCRIPT's output in $N/gdb-script-$1.txt"
+            fi
         fi
     fi
 }
