@@ -37,7 +37,8 @@
 # NESTED_EMULATOR_RETRIES (1; see emulator_fault below), NESTED_TEST_ENV (NAME=VALUE pairs
 # exported to the tests inside), NESTED_QEMU (the emulator binary, to compare QEMU builds),
 # NESTED_GDB_SCRIPT (a gdb script run against QEMU when a host hangs, for a QEMU with debug
-# info), NESTED_BZIMAGE=1
+# info), NESTED_PERIODIC_TICK=0 (the host's timer one-shot, as Linux chooses; see HOST_APPEND),
+# NESTED_BZIMAGE=1
 # (boot the compressed vmlinuz instead of the extracted PVH vmlinux: about 8 s slower a boot).
 set -euo pipefail
 
@@ -262,8 +263,10 @@ log "$("$QEMU_BIN" --version | head -n 1), TCG thread=$TCG_THREAD"
 # section 9). QEMU's VMRUN emulation can overwrite the request that tells the emulated CPU to
 # look at its APIC (a lost interrupt); with a one-shot timer that is re-armed only by its own
 # interrupt the host then never takes an interrupt again, while a periodic timer asks again on
-# the next tick by itself.
-HOST_APPEND="console=ttyS0 quiet panic=-1 clocksource=tsc tsc=reliable nokaslr highres=off nohz=off ${NESTED_HOST_APPEND:-}"
+# the next tick by itself. NESTED_PERIODIC_TICK=0 leaves it out (to reproduce the hang).
+TICK="highres=off nohz=off"
+[ "${NESTED_PERIODIC_TICK:-1}" = 1 ] || TICK=
+HOST_APPEND="console=ttyS0 quiet panic=-1 clocksource=tsc tsc=reliable nokaslr $TICK ${NESTED_HOST_APPEND:-}"
 # start_host NAME SMP APPEND EXTRA_QEMU_ARGS...: boots one host in the background, console to
 # $N/console-NAME.log (streamed to stdout with a prefix); sets HOST_PID.
 start_host() {
