@@ -22,8 +22,8 @@
 # Linux tests, and no hang in 12 clock tests. Those failed 2 of 12 on their own bounds,
 # though: one CPU carries the guest, the VMM and the console, so a REALTIME reading was
 # ±10 ms against a 5 ms bound (the narrowest of 15 marks now: ±3.9-10.5 ms), and a `frozen` restore's
-# MONOTONIC step reached 148 ms against 1% of the outage (126 ms). Five back-to-back runs of
-# the three steps with the tick: 5 of 5 passed, no emulator fault, no retry, 217-237 s each. (b) With two emulated CPUs and QEMU's default threading
+# MONOTONIC step reached 148 ms against 1% of the outage (126 ms). Sixteen back-to-back runs of
+# the three steps with the tick: 16 of 16 passed, no emulator fault, no retry, 200-241 s each. (b) With two emulated CPUs and QEMU's default threading
 # (one host thread per emulated CPU) its SVM emulation sometimes leaves a world switch half
 # done: a guest's VMCB holds the host's own state, or a guest takes a fault on memory that is
 # mapped. The tick does not cure that (the busy and idle test-guest soaks failed 3 of 3 rounds
