@@ -8,26 +8,17 @@
 # Why the steps are split as they are (issue 18, docs/design.md section 9):
 #   1. the hypervisor-level tests and the Linux guests on one emulated CPU (NESTED_SMP=1); the
 #      Linux clock tests (nested_linux_clock_*) no longer hang that host, but they are not
-#      steady there yet (below) and run on request: scripts/nested-kvm.sh nested_linux_clock_;
+#      steady there yet (docs/design.md section 9) and run on request: scripts/nested-kvm.sh nested_linux_clock_;
 #   2. the VMM with its busy test guest (nested_vmm_*, 4-vCPU guests whose cross-vCPU claims
 #      want two host CPUs) on two emulated CPUs and one TCG thread;
 #   3. both two-host suites, live migration A -> B included, on one TCG thread.
-# Two emulator faults decide that. (a) QEMU's VMRUN emulation overwrites, now and then, the
-# request that tells the emulated CPU to look at its APIC: the host's timer interrupt is lost,
-# and with Linux's one-shot timer the host never takes another one while its guest spins.
-# Found with a QEMU built with debug info (scripts/nested/qemu-hang.gdb); scripts/nested-kvm.sh
-# boots the host with a periodic tick (highres=off nohz=off), which asks again every 4 ms. Before
-# that, step 1's host hung in most rounds (7 of 8 on 2026-12-06 morning; 1 of 1 that evening
-# without the tick), and the Linux clock tests hung it in 2 of 3; with the tick: 20 of 20
-# Linux tests, and no hang in 12 clock tests. Those failed 2 of 12 on their own bounds,
-# though: one CPU carries the guest, the VMM and the console, so a REALTIME reading was
-# ±10 ms against a 5 ms bound (the narrowest of 15 marks now: ±3.9-10.5 ms), and a `frozen` restore's
-# MONOTONIC step reached 148 ms against 1% of the outage (126 ms). Sixteen back-to-back runs of
-# the three steps with the tick: 16 of 16 passed, no emulator fault, no retry, 200-241 s each. (b) With two emulated CPUs and QEMU's default threading
-# (one host thread per emulated CPU) its SVM emulation sometimes leaves a world switch half
-# done: a guest's VMCB holds the host's own state, or a guest takes a fault on memory that is
-# mapped. The tick does not cure that (the busy and idle test-guest soaks failed 3 of 3 rounds
-# with it); one TCG thread (-accel tcg,thread=single) or one emulated CPU never showed it.
+# Two emulator faults decide that; the evidence and the figures are in docs/design.md
+# section 9 (and docs/qemu-report.md), not repeated here. (a) QEMU's VMRUN emulation can lose
+# the host's interrupt request; scripts/nested-kvm.sh boots the host with a periodic tick
+# (highres=off nohz=off), which asks again every 4 ms, and step 1 stopped hanging. (b) Two
+# emulated CPUs under QEMU's default threading (one host thread per emulated CPU) sometimes
+# leave an SVM world switch half done; the tick does not cure that, and one TCG thread
+# (-accel tcg,thread=single) or one emulated CPU never showed it.
 # The soaks (nested_vmm_soak_*) are issue 18's experiments, on request. A retry only where the
 # emulated host itself hung or died mid-test (a VMM inside it cannot do that; the emulator can),
 # printed and counted in the step's summary line (scripts/nested-kvm.sh, emulator_fault): one
