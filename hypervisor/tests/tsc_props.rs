@@ -197,6 +197,24 @@ proptest! {
     }
 
     #[test]
+    fn report_places_the_freeze_and_the_thaw(s in scenario(), frozen in any::<bool>()) {
+        let policy = if frozen { ClockPolicy::Frozen } else { ClockPolicy::Wallclock };
+        let snap = s.snapshot();
+        let plan = plan_thaw(&snap, &s.thaw_sample(), &s.b.params(), policy).unwrap();
+        let r = ClockReport::from_plan(
+            policy, &plan, s.b.vendor, s.f_g, plan.vm_offset, Some(plan.vm_offset), true,
+        );
+        // The freeze's guest TSC is the snapshot's; the thaw's is where the new offset puts
+        // the guest at the thaw's host sample; between them, the elapsed time shown.
+        prop_assert_eq!(r.freeze_guest_tsc, Some(snap.vm_tsc()));
+        prop_assert_eq!(r.thaw_guest_tsc, Some(plan.guest_tsc));
+        prop_assert_eq!(
+            plan.guest_tsc.wrapping_sub(snap.vm_tsc()),
+            if frozen { 0 } else { plan.elapsed_cycles }
+        );
+    }
+
+    #[test]
     fn one_base_offset_and_tsc_adjust_survives(s in scenario(), frozen in any::<bool>()) {
         let policy = if frozen { ClockPolicy::Frozen } else { ClockPolicy::Wallclock };
         let plan = plan_thaw(&s.snapshot(), &s.thaw_sample(), &s.b.params(), policy).unwrap();

@@ -73,6 +73,15 @@ pub struct ClockReport {
     /// the backend does not measure it, and in reports of builds before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kvmclock_check: Option<KvmclockCheck>,
+    /// The guest's TSC at the freeze (`G`) and at the thaw's host sample (`G'`): with the VM
+    /// offsets before and after, they place the freeze and the thaw in host TSC time (`G - O`,
+    /// `G' - O'` where the TSC is not scaled), so that a tester can tell how long the guest's
+    /// clock ran on either side of an outage. Absent in reports of builds before them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_guest_tsc: Option<u64>,
+    /// The guest's TSC at the thaw's host sample (`G'`); see `freeze_guest_tsc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thaw_guest_tsc: Option<u64>,
 }
 
 /// How well kvmclock agreed with the guest's TSC once a thaw had set it: one `KVM_GET_CLOCK`
@@ -120,6 +129,8 @@ impl ClockReport {
             warnings: plan.warnings.clone(),
             origin: None,
             kvmclock_check: None,
+            freeze_guest_tsc: Some(plan.guest_tsc.wrapping_sub(plan.elapsed_cycles)),
+            thaw_guest_tsc: Some(plan.guest_tsc),
         }
     }
 }
@@ -148,8 +159,12 @@ mod tests {
                 first_error_ns: 3_000,
                 attempts: 2,
             }),
+            freeze_guest_tsc: Some(1_000),
+            thaw_guest_tsc: Some(1_600),
         };
         let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["freeze_guest_tsc"], 1_000);
+        assert_eq!(v["thaw_guest_tsc"], 1_600);
         assert_eq!(v["policy_requested"], "frozen");
         assert_eq!(v["policy_applied"], "host_tsc");
         for p in [
