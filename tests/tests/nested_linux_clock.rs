@@ -5,23 +5,36 @@
 //!
 //! The guest's `/init` is the clock probe (tests/tests/linux_support/clock_probe.c): it reads
 //! CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_BOOTTIME and the TSC in a tight loop and keeps the
-//! two consecutive readings with the largest MONOTONIC step since the last mark, so a report
-//! after an outage holds the guest's own step across it. Its REALTIME is compared with this
+//! 16 largest MONOTONIC steps between consecutive readings since the last mark (the mark's
+//! own reading included), so the window a mark after an outage closes holds the guest's own
+//! step across it: the one whose TSCs straddle the freeze and the thaw (under `frozen` not
+//! always the largest: the outage is as short as the guest's clock ran). Its REALTIME is compared with this
 //! host's by marks: the test notes its realtime, asks for a mark (one byte on the console), and
-//! notes its realtime again when the answer arrives; the guest read its clock in between. The
-//! narrowest of fifteen marks before and after an outage gives the change of (guest − host)
-//! REALTIME, its uncertainty the two brackets' half widths. What is asserted, each case:
+//! notes its realtime again when the answer arrives; the guest read its clock in between. A
+//! bracket is a console round trip, ±4-12 ms on one emulated CPU, wider than the bound, so
+//! each reading is also placed in host time by the guest's TSC, read beside its clocks: the
+//! host's TSC was the guest's less the VM offset `vm.info` reports, and the host's realtime
+//! runs with its TSC. That placement must fall inside the reading's own bracket (so a wrong
+//! offset fails the test rather than the arithmetic), and the median over fifteen marks before
+//! and after an outage gives the change of (guest − host) REALTIME, its uncertainty half the
+//! marks' spread on each side; the narrowest brackets' own figure must agree with it within
+//! their width. The same placement puts the freeze and the thaw in host time: `vm.info`'s
+//! clock report gives the guest's TSC at each (`freeze_guest_tsc`, `thaw_guest_tsc`), less
+//! the VM offset on that side; each must fall between what the test saw around it (the freeze
+//! after the guest's last reading and before the pause surely ended, the thaw after the resume,
+//! restore or migration began and before the guest's first reading). What is asserted, each
+//! case:
 //!
 //! - `wallclock`: the guest's REALTIME − the host's changed by at most 5 ms, and its MONOTONIC
-//!   stepped across the outage as its REALTIME did (within 5 ms): by the real outage, which is
-//!   at least the time the VM was surely paused.
-//! - `frozen`: the MONOTONIC step is not the outage but the resume's own latency (the guest's
-//!   time runs from the thaw's sample on, whether or not its vCPU has entered yet); asserted
-//!   under 1% of the outage (under the lag, for a migration), printed with `vm.info`'s
-//!   `pause_stats`, because under the emulator that latency is 10-140 ms (see `check`);
-//!   REALTIME lags the host by the
-//!   outage (within the outage's bracket ±5 ms), as `vm.info` says (`policy_applied`
-//!   `frozen`).
+//!   stepped across the outage as its REALTIME did and as the real time between the two
+//!   readings (within 5 ms each): by the real outage, at least the time the VM was surely
+//!   paused.
+//! - `frozen`: MONOTONIC advanced by the time the guest's clock ran, within 5 ms: from its
+//!   last reading to the freeze plus from the thaw to its first reading, in host time. That
+//!   second part is the resume's own latency (the guest's time runs from the thaw's sample on,
+//!   whether or not its vCPU has entered yet): 0.1-0.3 ms on a real host, tens to a hundred ms
+//!   under the emulator, printed. REALTIME lags the host by the outage (within the outage's
+//!   bracket ±5 ms), as `vm.info` says (`policy_applied` `frozen`).
 //! - always: the clocksource is the one the guest booted with, its two vCPUs' TSCs read back in
 //!   order (400 reads alternating CPUs), KVM keeps its master clock (`clock.master_clock`) and
 //!   both vCPUs' kvmclock pages have PVCLOCK_TSC_STABLE_BIT, and the kernel printed none of
@@ -31,6 +44,7 @@
 
 mod linux_support;
 mod vmm_support;
+mod xhost_support;
 
 use std::io::Write;
 use std::process::{ChildStdin, Stdio};
@@ -41,6 +55,7 @@ use linux_support::*;
 use serde_json::Value;
 use vmm_support::console::Console;
 use vmm_support::*;
+use xhost_support::{host_tsc, sdiff};
 
 /// How long each outage lasts.
 const OUTAGE: Duration = Duration::from_secs(10);
@@ -51,6 +66,11 @@ const BOUND_NS: i128 = 5_000_000;
 /// two, and the narrowest of five left a reading ±6.9-12.1 ms (median 9.1 over 12), more than
 /// the bound it checks; fifteen gave ±3.9-10.5 (median 7.5 over 11). A mark is a round trip.
 const MARKS: usize = 15;
+/// Steps the probe keeps per window (`STEPS` in clock_probe.c).
+const STEPS: usize = 16;
+/// How far outside its bracket a guest reading placed by its TSC may fall: the host's TSC and
+/// realtime are read back to back (microseconds apart under the emulator), so 1 ms is room.
+const READING_SLACK_NS: i128 = 1_000_000;
 
 fn host_ns() -> i128 {
     SystemTime::now()
@@ -80,11 +100,14 @@ impl Sample {
 }
 
 /// A mark: the host's realtime before asking and when the answer came, the guest's reading in
-/// between, and the largest MONOTONIC step of the window the mark closed.
-#[derive(Clone, Copy, Debug)]
+/// between, and the largest MONOTONIC step of the window the mark closed; with the host's TSC
+/// read beside `h0`.
+#[derive(Clone, Debug)]
 struct Mark {
     h0: i128,
     h1: i128,
+    /// The host's TSC at `h0` (the midpoint of two reads around it).
+    tsc0: u64,
     now: Sample,
     step: (Sample, Sample),
 }
@@ -97,6 +120,37 @@ impl Mark {
 
     fn half_width(&self) -> i128 {
         (self.h1 - self.h0) / 2
+    }
+
+    /// The host's realtime at the instant of the guest's reading, from the guest's TSC: the
+    /// host TSC then was the guest's less the VM-wide offset, and the host's realtime runs
+    /// with its TSC at `khz` (the emulated host keeps `clocksource=tsc` and no NTP).
+    fn host_ns_at_reading(&self, vm_offset: u64, khz: u64) -> i128 {
+        let host_tsc = (self.now.tsc as u64).wrapping_sub(vm_offset);
+        self.h0 + i128::from(sdiff(host_tsc, self.tsc0)) * 1_000_000 / i128::from(khz)
+    }
+}
+
+/// What the marks before or after an outage say about guest REALTIME − host realtime.
+#[derive(Clone, Debug)]
+struct Reading {
+    /// The narrowest bracket: the offset the bracket alone gives, ±its half width.
+    best: Mark,
+    /// The median over the marks of the offset at the instant of each guest reading (from its
+    /// TSC and the VM offset), and the spread (max − min) of those offsets, ns.
+    offset: i128,
+    spread: i128,
+    /// The VM offset and TSC rate (kHz) in force while the marks were taken.
+    vm_offset: u64,
+    khz: u64,
+}
+
+impl Reading {
+    /// Host realtime, ns, when the guest's TSC read `guest_tsc` under this reading's offset.
+    fn host_ns_of_guest_tsc(&self, guest_tsc: u64) -> i128 {
+        let host_tsc = guest_tsc.wrapping_sub(self.vm_offset);
+        self.best.h0
+            + i128::from(sdiff(host_tsc, self.best.tsc0)) * 1_000_000 / i128::from(self.khz)
     }
 }
 
@@ -148,7 +202,9 @@ impl Probe {
 
     fn mark(&mut self) -> Mark {
         self.seq += 1;
+        let t0 = host_tsc();
         let h0 = host_ns();
+        let t1 = host_tsc();
         self.send(b"M");
         // The guest writes one ACK byte right after its reading, before anything else.
         self.at = self
@@ -171,17 +227,77 @@ impl Probe {
         Mark {
             h0,
             h1,
+            tsc0: t0.wrapping_add(t1.wrapping_sub(t0) / 2),
             now: Sample::from(&nums[0..4]),
             step: (Sample::from(&nums[4..8]), Sample::from(&nums[8..12])),
         }
     }
 
-    /// [`MARKS`] marks; the one with the narrowest bracket.
-    fn best_mark(&mut self) -> Mark {
-        (0..MARKS)
-            .map(|_| self.mark())
-            .min_by_key(Mark::half_width)
-            .expect("marks")
+    /// The steps the probe kept in the window the last mark closed (its [`STEPS`] largest),
+    /// each as the two readings around it.
+    fn kept_steps(&mut self) -> Vec<(Sample, Sample)> {
+        let start = self.at;
+        self.send(b"P");
+        let end = self.line("HG-STEPS-END ");
+        let text = String::from_utf8_lossy(&self.c.seen[start..self.at]).into_owned();
+        let steps: Vec<(Sample, Sample)> = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("HG-STEP "))
+            .map(|l| {
+                let v: Vec<i128> = l
+                    .split_whitespace()
+                    .map(|w| w.parse().unwrap_or_else(|_| panic!("step {l:?}")))
+                    .collect();
+                assert_eq!(v.len(), 8, "step {l:?}");
+                (Sample::from(&v[0..4]), Sample::from(&v[4..8]))
+            })
+            .collect();
+        assert_eq!(end.parse::<usize>().ok(), Some(steps.len()), "{text}");
+        assert!(steps.len() <= STEPS, "{text}");
+        steps
+    }
+
+    /// [`MARKS`] marks, read two ways: the narrowest bracket, and each guest reading placed in
+    /// host time by its TSC (`vm.info`'s VM offset and TSC rate). Each reading's host time
+    /// must lie inside its own bracket (what makes the TSC's answer more than the VMM's word
+    /// about its offset): the median of those is what the test asserts on, at a precision
+    /// the console's round trip (±4-12 ms on one emulated CPU) cannot give.
+    fn reading(&mut self) -> Reading {
+        let clock = self.info()["clock"].clone();
+        let vm_offset = clock["vm_offset"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no VM offset yet: {clock}"));
+        let khz = clock["tsc_khz"].as_u64().expect("tsc_khz");
+        let marks: Vec<Mark> = (0..MARKS).map(|_| self.mark()).collect();
+        let mut offsets: Vec<i128> = marks
+            .iter()
+            .map(|m| {
+                let at = m.host_ns_at_reading(vm_offset, khz);
+                assert!(
+                    at >= m.h0 - READING_SLACK_NS && at <= m.h1 + READING_SLACK_NS,
+                    "mark {}: the guest's TSC puts its reading at host {} ns, outside the \
+                     bracket {}..{} (VM offset {vm_offset}, {khz} kHz): the offset or the TSC \
+                     is not what vm.info says",
+                    m.now.rt,
+                    at,
+                    m.h0,
+                    m.h1
+                );
+                m.now.rt - at
+            })
+            .collect();
+        offsets.sort_unstable();
+        Reading {
+            best: marks
+                .iter()
+                .min_by_key(|m| m.half_width())
+                .expect("marks")
+                .clone(),
+            offset: offsets[offsets.len() / 2],
+            spread: offsets[offsets.len() - 1] - offsets[0],
+            vm_offset,
+            khz,
+        }
     }
 
     fn clocksource(&mut self) -> String {
@@ -217,9 +333,13 @@ struct Outcome {
     op: &'static str,
     /// The outage as the test bracketed it: surely stopped, at most stopped, ns.
     outage: (i128, i128),
-    /// Change of guest − host REALTIME, ns, and its uncertainty.
+    /// Change of guest − host REALTIME, ns, and its uncertainty: the guest's readings placed
+    /// in host time by their TSC (half the marks' spread before plus after).
     rt_change: i128,
     rt_uncertainty: i128,
+    /// The same change from the narrowest brackets alone, and its uncertainty.
+    bracket_change: i128,
+    bracket_uncertainty: i128,
     /// The guest's MONOTONIC and BOOTTIME steps across the outage, ns; TSC cycles.
     mono_step: i128,
     rt_step: i128,
@@ -229,6 +349,11 @@ struct Outcome {
     master_clock: bool,
     /// The resume's thaw plus the release of the vCPU threads (`vm.info` `pause_stats`), ns.
     resume_latency: i128,
+    /// Host time the guest's clock ran across the outage: from its last reading to the freeze,
+    /// from the thaw to its first reading; and the real time between those readings, ns.
+    ran_before: i128,
+    ran_after: i128,
+    real_step: i128,
 }
 
 fn ms(ns: i128) -> f64 {
@@ -242,26 +367,60 @@ fn check(
     policy: &str,
     clocksource: &str,
     p: &mut Probe,
-    before: &Mark,
+    before: &Reading,
     outage: (i128, i128),
+    (frozen_by, thawed_after): (i128, i128),
 ) -> Outcome {
     // The first mark after the outage closes the window that holds it.
     let first = p.mark();
-    let rest = p.best_mark();
-    let after = if first.half_width() < rest.half_width() {
-        first
-    } else {
-        rest
-    };
-    let (a, b) = first.step;
+    let steps = p.kept_steps();
+    let after = p.reading();
     let info = p.info();
     let clock = &info["clock"];
     let elapsed_shown = clock["last_elapsed_ns"].as_i64().expect("last_elapsed_ns") as i128;
+    // Where the freeze and the thaw were in host time: the guest's TSC at each (the thaw's
+    // report) less the VM offset in force on that side.
+    let report = &clock["last_report"];
+    let guest_tsc_at = |k: &str| {
+        report[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k}: {report}"))
+    };
+    let (g_freeze, g_thaw) = (
+        guest_tsc_at("freeze_guest_tsc"),
+        guest_tsc_at("thaw_guest_tsc"),
+    );
+    // The outage's step: the shortest kept step whose readings straddle the freeze and the
+    // thaw (under `wallclock` it is also the largest; under `frozen` a hiccup can be longer).
+    let &(a, b) = steps
+        .iter()
+        .filter(|(a, b)| a.tsc as u64 <= g_freeze && b.tsc as u64 >= g_thaw)
+        .min_by_key(|(a, b)| b.mono - a.mono)
+        .unwrap_or_else(|| {
+            panic!(
+                "{op}: none of the {} kept steps straddles the freeze (guest TSC {g_freeze}) \
+                 and the thaw ({g_thaw}); the largest: {:?}; the mark: {first:?}",
+                steps.len(),
+                first.step
+            )
+        });
+    // How many kept steps were longer than the outage's (under `frozen`, the guest's
+    // scheduling hiccups can be): the margin [`STEPS`] leaves.
+    let longer = steps
+        .iter()
+        .filter(|(x, y)| y.mono - x.mono > b.mono - a.mono)
+        .count();
+    let freeze = before.host_ns_of_guest_tsc(g_freeze);
+    let thaw = after.host_ns_of_guest_tsc(g_thaw);
+    let last_before = before.host_ns_of_guest_tsc(a.tsc as u64);
+    let first_after = after.host_ns_of_guest_tsc(b.tsc as u64);
     let o = Outcome {
         op,
         outage,
-        rt_change: after.offset() - before.offset(),
-        rt_uncertainty: after.half_width() + before.half_width(),
+        rt_change: after.offset - before.offset,
+        rt_uncertainty: (after.spread + before.spread) / 2,
+        bracket_change: after.best.offset() - before.best.offset(),
+        bracket_uncertainty: after.best.half_width() + before.best.half_width(),
         mono_step: b.mono - a.mono,
         rt_step: b.rt - a.rt,
         boot_step: b.boot - a.boot,
@@ -272,23 +431,52 @@ fn check(
             .iter()
             .map(|k| info["pause_stats"][k].as_i64().unwrap_or(0) as i128)
             .sum(),
+        ran_before: freeze - last_before,
+        ran_after: first_after - thaw,
+        real_step: first_after - last_before,
     };
     let what = format!(
         "{op}, {clocksource}, {policy}: outage {:.3}..{:.3} ms, REALTIME change {:.3} ms \
-         (±{:.3}), MONOTONIC step {:.3} ms, BOOTTIME step {:.3} ms, TSC step {} cycles, elapsed \
-         shown {:.3} ms; pause_stats {}; clock {clock}",
+         (±{:.3}; brackets alone {:.3} ±{:.3}), MONOTONIC step {:.3} ms, BOOTTIME step {:.3} \
+         ms, TSC step {} cycles, elapsed shown {:.3} ms; in host time: last reading before -> \
+         freeze {:.3} ms, freeze -> thaw {:.3} ms, thaw -> first reading after {:.3} ms, \
+         first reading after - last before {:.3} ms; {longer} of {} kept steps longer; \
+         pause_stats {}; clock {clock}",
         ms(outage.0),
         ms(outage.1),
         ms(o.rt_change),
         ms(o.rt_uncertainty),
+        ms(o.bracket_change),
+        ms(o.bracket_uncertainty),
         ms(o.mono_step),
         ms(o.boot_step),
         o.tsc_step,
         ms(elapsed_shown),
+        ms(o.ran_before),
+        ms(thaw - freeze),
+        ms(o.ran_after),
+        ms(o.real_step),
+        steps.len(),
         info["pause_stats"],
     );
     println!("{what}");
     assert_eq!(clock["policy_applied"], policy, "{what}");
+    // The two ways of reading the change must agree within the brackets' own uncertainty.
+    assert!(
+        (o.rt_change - o.bracket_change).abs() <= o.bracket_uncertainty + o.rt_uncertainty,
+        "the TSC-placed and the bracketed REALTIME change disagree: {what}"
+    );
+    // The freeze came after the guest's last reading and before the VM was surely stopped;
+    // the thaw after the resume (restore, migration) began and before the first reading.
+    let slack = READING_SLACK_NS;
+    assert!(
+        freeze >= last_before - slack && freeze <= frozen_by + slack,
+        "the freeze is not between the last reading and the pause's end: {what}"
+    );
+    assert!(
+        thaw >= thawed_after - slack && thaw <= first_after + slack && thaw >= freeze,
+        "the thaw is not between the resume's start and the first reading: {what}"
+    );
     match policy {
         "wallclock" => {
             // REALTIME kept the host's, and MONOTONIC stepped as REALTIME did: it advanced by
@@ -303,30 +491,24 @@ fn check(
                 o.mono_step >= outage.0 - BOUND_NS,
                 "MONOTONIC advanced less than the outage: {what}"
             );
+            // And by exactly the real time between the two readings (same host).
+            assert!(
+                (o.mono_step - o.real_step).abs() <= BOUND_NS,
+                "MONOTONIC did not step by the real time: {what}"
+            );
         }
         "frozen" => {
-            // The guest's time runs again from the thaw's sample, so what it sees is the
-            // resume's own latency: from that sample to its vCPU's first entry, then to the
-            // probe's next reading. On a real host that is the thaw and release (about 0.1-
-            // 0.3 ms, docs/design.md §5); under the emulator the thaw and release alone take
-            // 10-25 ms (vm.info pause_stats, printed above) and the emulated host's scheduling
-            // and a restored guest's first-touch faults add tens of ms more (README, "a Linux
-            // guest's view"). So the issue's 5 ms cannot be asserted here; what is asserted is
-            // that the outage stays hidden: REALTIME (below) lags by all of it, and the step
-            // is under 1% of an outage of seconds (a pause, a restore), or under the lag for
-            // a migration's outage of a few hundred ms (seen 36-139 ms, the destination's
-            // first run faulting its memory in).
-            if outage.0 >= 1_000_000_000 {
-                assert!(
-                    o.mono_step <= outage.0 / 100,
-                    "MONOTONIC saw the outage: {what}"
-                );
-            } else {
-                assert!(
-                    o.mono_step < -o.rt_change,
-                    "MONOTONIC saw the outage: {what}"
-                );
-            }
+            // The guest's clock runs only while the VM is thawed: from its last reading to the
+            // freeze, and from the thaw's sample to its first reading after (the resume's own
+            // latency: on a real host the thaw and release, about 0.1-0.3 ms, docs/design.md
+            // §5; under the emulator tens to a hundred ms, the thaw, the release and the
+            // vCPU's first run waiting for the one CPU and faulting its memory in, all printed
+            // above). MONOTONIC advanced by what the guest ran, within 5 ms: the issue's bound,
+            // with "ran" measured in host time through the TSC, not assumed.
+            assert!(
+                (o.mono_step - (o.ran_before + o.ran_after)).abs() <= BOUND_NS,
+                "MONOTONIC advanced by more (or less) than the guest ran: {what}"
+            );
             assert!(
                 -o.rt_change >= outage.0 - BOUND_NS && -o.rt_change <= outage.1 + BOUND_NS,
                 "REALTIME does not lag by the outage: {what}"
@@ -389,10 +571,16 @@ fn clocks_across_outages(test: &str, extra_cmdline: &str, clocksource: &str, pol
         back, 0,
         "at boot: {back} of {reads} backwards, up to {worst}"
     );
+    // A first short pause gives vm.info the VM offset (reported from the first thaw on) that
+    // places the guest's readings in host time.
+    for path in ["vm.pause", "vm.resume"] {
+        let (code, body) = p.c.api("PUT", path, None);
+        assert_eq!(code, 204, "{path}: {body}");
+    }
     let mut rows = Vec::new();
 
     // Pause, OUTAGE, resume.
-    let before = p.best_mark();
+    let before = p.reading();
     let t0 = host_ns();
     let (code, body) = p.c.api("PUT", "vm.pause", None);
     assert_eq!(code, 204, "{body}");
@@ -410,10 +598,11 @@ fn clocks_across_outages(test: &str, extra_cmdline: &str, clocksource: &str, pol
         &mut p,
         &before,
         (t2 - t1, t3 - t0),
+        (t1, t2),
     ));
 
     // Snapshot, kill, OUTAGE, restore in a new process.
-    let before = p.best_mark();
+    let before = p.reading();
     let snap = dir.join("snap");
     let t0 = host_ns();
     let (code, body) = p.c.api("PUT", "vm.pause", None);
@@ -440,13 +629,14 @@ fn clocks_across_outages(test: &str, extra_cmdline: &str, clocksource: &str, pol
         &mut p,
         &before,
         (t2 - t1, t3 - t0),
+        (t1, t2),
     ));
     for bad in CLOCK_COMPLAINTS {
         assert!(!old_console.contains(bad), "before the restore: {bad}");
     }
 
     // Live migration to a second hourglass in this host (serving, then receiving).
-    let before = p.best_mark();
+    let before = p.reading();
     let mut dst = Probe::spawn(&format!("{test}-dst"), &[], p.seq);
     let sock = dir.join("mig.sock");
     let url = format!("unix:{}", sock.display());
@@ -492,22 +682,32 @@ fn clocks_across_outages(test: &str, extra_cmdline: &str, clocksource: &str, pol
         &mut dst,
         &before,
         (0, downtime_ns),
+        (t1, t0),
     ));
 
     // The README's rows: operation, clocksource, policy, outage (surely..at most), change of
-    // guest − host REALTIME (± the marks' uncertainty), MONOTONIC step, the resume's thaw +
-    // release, clocksource after, master clock after, kernel complaints.
+    // guest − host REALTIME (± the marks' uncertainty), MONOTONIC step, MONOTONIC step less
+    // the real time between the readings (wallclock) or less the time the guest's clock ran
+    // (frozen), the resume's thaw + release, thaw to first reading, clocksource after, master
+    // clock after, kernel complaints.
     for o in &rows {
+        let promised = if policy == "wallclock" {
+            o.real_step
+        } else {
+            o.ran_before + o.ran_after
+        };
         println!(
-            "| {} | {clocksource} | {policy} | {:.3}-{:.3} s | {:+.3} ms (±{:.1}) | {:.1} ms | \
-             {:.1} ms | {} | {} | none |",
+            "| {} | {clocksource} | {policy} | {:.3}-{:.3} s | {:+.3} ms (±{:.3}) | {:.1} ms | \
+             {:+.3} ms | {:.1} ms | {:.1} ms | {} | {} | none |",
             o.op,
             ms(o.outage.0) / 1e3,
             ms(o.outage.1) / 1e3,
             ms(o.rt_change),
             ms(o.rt_uncertainty),
             ms(o.mono_step),
+            ms(o.mono_step - promised),
             ms(o.resume_latency),
+            ms(o.ran_after),
             o.clocksource,
             if o.master_clock { "kept" } else { "lost" },
         );

@@ -7,16 +7,22 @@
  *
  * It mounts sysfs, puts the console in raw mode, says HG-PROBE-READY, then loops: each pass
  * reads CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_BOOTTIME (clock_gettime, which reads the
- * clocksource the kernel uses) and the TSC, and finds the largest MONOTONIC step between two
- * consecutive passes since the last mark: across a pause, a restore or a migration, that is
- * the outage. An outage can fall between two reads of one pass, so the step it reports runs
- * from the pass before that pair to the pass after it: every clock's step then holds the whole
- * outage (and three passes more). Between passes it polls the console for one-byte commands:
+ * clocksource the kernel uses) and the TSC, and keeps the STEPS largest MONOTONIC steps between
+ * two consecutive passes since the last mark, the mark's own reading included: across a pause,
+ * a restore or a migration one of them is the outage (the largest under `wallclock`; under
+ * `frozen` the outage is as short as the guest's clock ran, and scheduling hiccups around it
+ * can be longer, so the host asks for them all and picks the step whose TSCs straddle the
+ * freeze and the thaw `vm.info` reports).
+ * An outage can fall between two reads of one pass, so a step runs from the pass before that
+ * pair to the pass after it: every clock's step then holds the whole outage (and three passes
+ * more). Between passes it polls the console for one-byte commands:
  *
  *   M  mark: one byte 0x06 (ACK) at once, so the host can bracket the reading with its own
  *      clock as closely as the console allows, then "HG-T <n> <realtime>", then
  *      "HG-MARK <n> <rt> <mono> <boot> <tsc> GAP <rt> <mono> <boot> <tsc> <rt> <mono> <boot>
  *      <tsc>" (this sample, then the largest step's two samples), and a new window begins
+ *   P  the steps the last mark's window kept, one "HG-STEP <rt> <mono> <boot> <tsc> <rt> <mono>
+ *      <boot> <tsc>" line each, then "HG-STEPS-END <count>"
  *   S  TSC synchronisation: 400 reads alternating between CPU 0 and CPU 1 (sched_setaffinity),
  *      "HG-TSCSYNC <reads> <backwards> <largest backwards step in cycles>"
  *   C  "HG-CS <current clocksource>"
@@ -78,7 +84,7 @@ static void take(struct sample *s)
 }
 
 /* One output line, written at once. */
-static char line[512];
+static char line[1024];
 static unsigned len;
 
 static void put(const char *s)
@@ -171,11 +177,55 @@ static void clocksource(void)
     flush();
 }
 
+/* The steps a window keeps, and what it keeps of each; and those of the last closed window. */
+#define STEPS 16
+static struct sample step_a[STEPS], step_b[STEPS];
+static u64 step_len[STEPS];
+static int step_pending[STEPS];
+static struct sample last_a[STEPS], last_b[STEPS];
+static u64 last_len[STEPS];
+
+/* A new window starting at `s`. */
+static void window_reset(const struct sample *s)
+{
+    int k;
+    for (k = 0; k < STEPS; k++) {
+        step_a[k] = step_b[k] = *s;
+        step_len[k] = 0;
+        step_pending[k] = 0;
+    }
+}
+
+/* `cur` is the pass after `prev` (and `prev2` the one before it): a slot waiting for the
+ * pass after its step takes `cur`; then, if prev -> cur is longer than the shortest kept step,
+ * it replaces that one, waiting for the next pass for its end. Returns whether a slot waits. */
+static int window_note(const struct sample *prev2, const struct sample *prev,
+                       const struct sample *cur)
+{
+    int k, m = 0, waiting = 0;
+    u64 len = cur->mono - prev->mono;
+    for (k = 0; k < STEPS; k++) {
+        if (step_pending[k]) {
+            step_b[k] = *cur;
+            step_pending[k] = 0;
+        }
+        if (step_len[k] < step_len[m])
+            m = k;
+    }
+    if (len > step_len[m]) {
+        step_len[m] = len;
+        step_a[m] = *prev2;
+        step_b[m] = *cur;
+        step_pending[m] = 1;
+        waiting = 1;
+    }
+    return waiting;
+}
+
 void probe_main(void)
 {
-    struct sample prev2, prev, cur, a, b;
-    u64 gap = 0, seq = 0;
-    int need_b = 0;
+    struct sample prev2, prev, cur;
+    u64 seq = 0;
     unsigned char t[64];
 
     sys6(SYS_mount, (i64) "sysfs", (i64) "/sys", (i64) "sysfs", 0, 0, 0);
@@ -190,23 +240,15 @@ void probe_main(void)
     put("HG-PROBE-READY");
     flush();
     take(&prev);
-    prev2 = a = b = prev;
+    prev2 = prev;
+    window_reset(&prev);
     for (;;) {
         struct {
             int fd;
             short events, revents;
         } p = {0, 1 /* POLLIN */, 0};
         take(&cur);
-        if (need_b) {
-            b = cur;
-            need_b = 0;
-        }
-        if (cur.mono - prev.mono > gap) {
-            gap = cur.mono - prev.mono;
-            a = prev2;
-            b = cur;
-            need_b = 1;
-        }
+        window_note(&prev2, &prev, &cur);
         prev2 = prev;
         prev = cur;
         if (sys3(SYS_poll, &p, 1, 0) > 0) {
@@ -214,34 +256,65 @@ void probe_main(void)
             i64 n = sys3(SYS_read, 0, cmd, sizeof cmd), i;
             for (i = 0; i < n; i++) {
                 if (cmd[i] == 'M') {
-                    struct sample now, sa, sb;
+                    struct sample now, after;
                     static const char ack = 6;
+                    int k;
                     take(&now);
                     sys3(SYS_write, 1, &ack, 1);
-                    if (need_b)
-                        b = now;
-                    /* The new window begins before the report is written: the host pauses
-                     * once it has read the report, maybe while this pass still writes it, and
-                     * that step must land in the new window. */
-                    sa = a;
-                    sb = b;
+                    /* The mark's own reading is a pass too: an outage that fell between the
+                     * last pass and this command is a step of this window. */
+                    if (window_note(&prev2, &prev, &now)) {
+                        take(&after);
+                        window_note(&prev, &now, &after);
+                    }
+                    {
+                        int big = 0;
+                        for (k = 0; k < STEPS; k++) {
+                            last_a[k] = step_a[k];
+                            last_b[k] = step_b[k];
+                            last_len[k] = step_len[k];
+                            if (step_len[k] > step_len[big])
+                                big = k;
+                        }
+                        /* The new window begins before the report is written: the host pauses
+                         * once it has read the report, maybe while this pass still writes
+                         * it, and that step must land in the new window. */
+                        take(&prev);
+                        prev2 = prev;
+                        window_reset(&prev);
+                        seq++;
+                        put("HG-T ");
+                        put_u64(seq);
+                        put(" ");
+                        put_u64(now.rt);
+                        flush();
+                        put("HG-MARK ");
+                        put_u64(seq);
+                        put_sample(&now);
+                        put(" GAP");
+                        put_sample(&last_a[big]);
+                        put_sample(&last_b[big]);
+                        flush();
+                    }
+                } else if (cmd[i] == 'P') {
+                    u64 count = 0;
+                    int k;
+                    for (k = 0; k < STEPS; k++) {
+                        if (!last_len[k])
+                            continue;
+                        count++;
+                        put("HG-STEP");
+                        put_sample(&last_a[k]);
+                        put_sample(&last_b[k]);
+                        flush();
+                    }
+                    put("HG-STEPS-END ");
+                    put_u64(count);
+                    flush();
+                    /* A new window: the report took time that is not a step of the clocks. */
                     take(&prev);
-                    prev2 = a = b = prev;
-                    gap = 0;
-                    need_b = 0;
-                    seq++;
-                    put("HG-T ");
-                    put_u64(seq);
-                    put(" ");
-                    put_u64(now.rt);
-                    flush();
-                    put("HG-MARK ");
-                    put_u64(seq);
-                    put_sample(&now);
-                    put(" GAP");
-                    put_sample(&sa);
-                    put_sample(&sb);
-                    flush();
+                    prev2 = prev;
+                    window_reset(&prev);
                 } else if (cmd[i] == 'S' || cmd[i] == 'C') {
                     if (cmd[i] == 'S')
                         tsc_sync();
@@ -249,9 +322,8 @@ void probe_main(void)
                         clocksource();
                     /* A new window: what the report took is not a step of the guest's clocks. */
                     take(&prev);
-                    prev2 = a = b = prev;
-                    gap = 0;
-                    need_b = 0;
+                    prev2 = prev;
+                    window_reset(&prev);
                 }
             }
         }
