@@ -22,8 +22,12 @@
 //! clock report gives the guest's TSC at each (`freeze_guest_tsc`, `thaw_guest_tsc`), less
 //! the VM offset on that side; each must fall between what the test saw around it (the freeze
 //! after the guest's last reading and before the pause surely ended, the thaw after the resume,
-//! restore or migration began and before the guest's first reading). What is asserted, each
-//! case:
+//! restore or migration began and before the guest's first reading). That is what ties the
+//! reported freeze and thaw to what happened, and how tightly depends on the operation: after
+//! a pause the thaw's window is the resume request's few ms, after a restore the new process's
+//! start (about 2.5 s here); within it, what `frozen` is checked on below (MONOTONIC against
+//! the guest's TSC, the TSC standing still from freeze to thaw) follows from the report. What
+//! is asserted, each case:
 //!
 //! - `wallclock`: the guest's REALTIME − the host's changed by at most 5 ms, and its MONOTONIC
 //!   stepped across the outage as its REALTIME did and as the real time between the two
