@@ -19,14 +19,15 @@
  *
  *   M  mark: one byte 0x06 (ACK) at once, so the host can bracket the reading with its own
  *      clock as closely as the console allows, then "HG-T <n> <realtime>", then
- *      "HG-MARK <n> <rt> <mono> <boot> <tsc> GAP <rt> <mono> <boot> <tsc> <rt> <mono> <boot>
- *      <tsc>" (this sample, then the largest step's two samples), and a new window begins
- *   P  the steps the last mark's window kept, one "HG-STEP <rt> <mono> <boot> <tsc> <rt> <mono>
- *      <boot> <tsc>" line each, then "HG-STEPS-END <count>"
+ *      "HG-MARK <n> <sample> GAP <sample> <sample>" (this reading, then the largest step's
+ *      two readings), and a new window begins
+ *   P  the steps the last mark's window kept, one "HG-STEP <sample> <sample>" line each, then
+ *      "HG-STEPS-END <count>"
  *   S  TSC synchronisation: 400 reads alternating between CPU 0 and CPU 1 (sched_setaffinity),
  *      "HG-TSCSYNC <reads> <backwards> <largest backwards step in cycles>"
  *   C  "HG-CS <current clocksource>"
- * All numbers are decimal, nanoseconds or cycles.
+ * A <sample> is "<rt> <mono> <boot> <tsc> <tsc_end>": the three clocks, then the TSC read just
+ * before and just after them. All numbers are decimal, nanoseconds or cycles.
  */
 
 typedef unsigned long u64;
@@ -72,7 +73,7 @@ static u64 clock_ns(int id)
 }
 
 struct sample {
-    u64 rt, mono, boot, tsc;
+    u64 rt, mono, boot, tsc, tsc_end;
 };
 
 static void take(struct sample *s)
@@ -81,6 +82,9 @@ static void take(struct sample *s)
     s->rt = clock_ns(0);   /* CLOCK_REALTIME */
     s->mono = clock_ns(1); /* CLOCK_MONOTONIC */
     s->boot = clock_ns(7); /* CLOCK_BOOTTIME */
+    /* The TSC again: the clocks were read between the two (microseconds apart, unless the
+     * vCPU lost its CPU in between, as it can on a host with one CPU). */
+    s->tsc_end = rdtsc();
 }
 
 /* One output line, written at once. */
@@ -115,6 +119,8 @@ static void put_sample(const struct sample *s)
     put_u64(s->boot);
     put(" ");
     put_u64(s->tsc);
+    put(" ");
+    put_u64(s->tsc_end);
 }
 
 static void flush(void)
