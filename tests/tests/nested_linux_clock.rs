@@ -136,11 +136,11 @@ impl Mark {
         (self.h1 - self.h0) / 2
     }
 
-    /// The host's realtime at the instant of the guest's reading, from the guest's TSC: the
-    /// host TSC then was the guest's less the VM-wide offset, and the host's realtime runs
-    /// with its TSC at `khz` (the emulated host keeps `clocksource=tsc` and no NTP).
-    fn host_ns_at_reading(&self, vm_offset: u64, khz: u64) -> i128 {
-        let host_tsc = (self.now.tsc as u64).wrapping_sub(vm_offset);
+    /// The host's realtime when the guest's TSC read `guest_tsc`: the host TSC then was the
+    /// guest's less the VM-wide offset, and the host's realtime runs with its TSC at `khz`
+    /// (the emulated host keeps `clocksource=tsc` and no NTP), from this mark's (`h0`, `tsc0`).
+    fn host_ns_of_guest_tsc(&self, guest_tsc: u64, vm_offset: u64, khz: u64) -> i128 {
+        let host_tsc = guest_tsc.wrapping_sub(vm_offset);
         self.h0 + i128::from(sdiff(host_tsc, self.tsc0)) * 1_000_000 / i128::from(khz)
     }
 }
@@ -162,9 +162,8 @@ struct Reading {
 impl Reading {
     /// Host realtime, ns, when the guest's TSC read `guest_tsc` under this reading's offset.
     fn host_ns_of_guest_tsc(&self, guest_tsc: u64) -> i128 {
-        let host_tsc = guest_tsc.wrapping_sub(self.vm_offset);
-        self.best.h0
-            + i128::from(sdiff(host_tsc, self.best.tsc0)) * 1_000_000 / i128::from(self.khz)
+        self.best
+            .host_ns_of_guest_tsc(guest_tsc, self.vm_offset, self.khz)
     }
 }
 
@@ -292,7 +291,7 @@ impl Probe {
         let mut offsets: Vec<i128> = marks
             .iter()
             .map(|m| {
-                let at = m.host_ns_at_reading(vm_offset, khz);
+                let at = m.host_ns_of_guest_tsc(m.now.tsc as u64, vm_offset, khz);
                 assert!(
                     at >= m.h0 - READING_SLACK_NS && at <= m.h1 + READING_SLACK_NS,
                     "mark {}: the guest's TSC puts its reading at host {} ns, outside the \

@@ -202,6 +202,14 @@ static void window_reset(const struct sample *s)
     }
 }
 
+/* A new window from a reading taken now. */
+static void window_restart(struct sample *prev, struct sample *prev2)
+{
+    take(prev);
+    *prev2 = *prev;
+    window_reset(prev);
+}
+
 /* `cur` is the pass after `prev` (and `prev2` the one before it): a slot waiting for the
  * pass after its step takes `cur`; then, if prev -> cur is longer than the shortest kept step,
  * it replaces that one, waiting for the next pass for its end. Returns whether a slot waits. */
@@ -245,9 +253,7 @@ void probe_main(void)
     }
     put("HG-PROBE-READY");
     flush();
-    take(&prev);
-    prev2 = prev;
-    window_reset(&prev);
+    window_restart(&prev, &prev2);
     for (;;) {
         struct {
             int fd;
@@ -285,9 +291,7 @@ void probe_main(void)
                         /* The new window begins before the report is written: the host pauses
                          * once it has read the report, maybe while this pass still writes
                          * it, and that step must land in the new window. */
-                        take(&prev);
-                        prev2 = prev;
-                        window_reset(&prev);
+                        window_restart(&prev, &prev2);
                         seq++;
                         put("HG-T ");
                         put_u64(seq);
@@ -318,18 +322,14 @@ void probe_main(void)
                     put_u64(count);
                     flush();
                     /* A new window: the report took time that is not a step of the clocks. */
-                    take(&prev);
-                    prev2 = prev;
-                    window_reset(&prev);
+                    window_restart(&prev, &prev2);
                 } else if (cmd[i] == 'S' || cmd[i] == 'C') {
                     if (cmd[i] == 'S')
                         tsc_sync();
                     else
                         clocksource();
                     /* A new window: what the report took is not a step of the guest's clocks. */
-                    take(&prev);
-                    prev2 = prev;
-                    window_reset(&prev);
+                    window_restart(&prev, &prev2);
                 }
             }
         }
