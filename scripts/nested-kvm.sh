@@ -218,8 +218,9 @@ sed -e 's/#.*//' -e 's/[[:space:]]*$//' "$ROOT/scripts/nested/carry.list" | whil
     mkdir -p "$S$(dirname "$ROOT/$p")"
     cp -a "$ROOT/$p" "$S$ROOT/$p"
 done
-# The Linux-guest tests (tests/tests/nested_linux.rs) boot Debian's kernel inside: both forms.
-if grep -q 'nested_linux' "$N/tests.tsv"; then
+# The Linux-guest tests (nested_linux*.rs, nested_xhost_live_linux.rs) boot Debian's kernel
+# inside: both forms.
+if grep -qE 'nested_(xhost_live_)?linux' "$N/tests.tsv"; then
     mkdir -p "$S/opt/hourglass-linux"
     cp "$KD/vmlinuz" "$S/opt/hourglass-linux/vmlinuz"
     [ ! -f "$KD/vmlinux" ] || cp "$KD/vmlinux" "$S/opt/hourglass-linux/vmlinux"

@@ -53,532 +53,18 @@ mod linux_support;
 mod vmm_support;
 mod xhost_support;
 
-use std::io::Write;
-use std::process::{ChildStdin, Stdio};
-use std::sync::MutexGuard;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod clock_support;
 
+use std::sync::MutexGuard;
+use std::time::Duration;
+
+use clock_support::*;
 use linux_support::*;
-use serde_json::Value;
-use vmm_support::console::Console;
 use vmm_support::*;
-use xhost_support::{host_tsc, sdiff};
+use xhost_support::realtime_ns;
 
 /// How long each outage lasts.
 const OUTAGE: Duration = Duration::from_secs(10);
-/// The bound of the issue, ns.
-const BOUND_NS: i128 = 5_000_000;
-/// Marks taken before and after an outage (the narrowest bracket counts). Fifteen, not five:
-/// on one emulated CPU with the host's periodic tick a console round trip is slower than on
-/// two, and the narrowest of five left a reading ±6.9-12.1 ms (median 9.1 over 12), more than
-/// the bound it checks; fifteen gave ±3.9-10.5 (median 7.5 over 11). A mark is a round trip.
-const MARKS: usize = 15;
-/// Steps the probe keeps per window (`STEPS` in clock_probe.c).
-const STEPS: usize = 16;
-/// How far outside its bracket a guest reading placed by its TSC may fall: the host's TSC and
-/// realtime are read back to back (microseconds apart under the emulator), so 1 ms is room.
-const READING_SLACK_NS: i128 = 1_000_000;
-
-fn host_ns() -> i128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_nanos() as i128
-}
-
-/// One reading of the guest's clocks, ns, and its TSC (cycles) read just before and just after
-/// them: the clocks were read in between (µs apart, unless the vCPU lost the emulated host's
-/// one CPU in between: seen 24 ms).
-#[derive(Clone, Copy, Debug, Default)]
-struct Sample {
-    rt: i128,
-    mono: i128,
-    boot: i128,
-    tsc: i128,
-    tsc_end: i128,
-}
-
-/// Numbers per [`Sample`] in the probe's lines.
-const SAMPLE_LEN: usize = 5;
-
-impl Sample {
-    fn from(v: &[i128]) -> Self {
-        Sample {
-            rt: v[0],
-            mono: v[1],
-            boot: v[2],
-            tsc: v[3],
-            tsc_end: v[4],
-        }
-    }
-}
-
-/// A mark: the host's realtime before asking and when the answer came, the guest's reading in
-/// between, and the largest MONOTONIC step of the window the mark closed; with the host's TSC
-/// read beside `h0`.
-#[derive(Clone, Debug)]
-struct Mark {
-    h0: i128,
-    h1: i128,
-    /// The host's TSC at `h0` (the midpoint of two reads around it).
-    tsc0: u64,
-    now: Sample,
-    step: (Sample, Sample),
-}
-
-impl Mark {
-    /// Guest REALTIME − host realtime, with the bracket's midpoint for the host's.
-    fn offset(&self) -> i128 {
-        self.now.rt - (self.h0 + self.h1) / 2
-    }
-
-    fn half_width(&self) -> i128 {
-        (self.h1 - self.h0) / 2
-    }
-
-    /// The host's realtime when the guest's TSC read `guest_tsc`: the host TSC then was the
-    /// guest's less the VM-wide offset, and the host's realtime runs with its TSC at `khz`
-    /// (the emulated host keeps `clocksource=tsc` and no NTP), from this mark's (`h0`, `tsc0`).
-    fn host_ns_of_guest_tsc(&self, guest_tsc: u64, vm_offset: u64, khz: u64) -> i128 {
-        let host_tsc = guest_tsc.wrapping_sub(vm_offset);
-        self.h0 + i128::from(sdiff(host_tsc, self.tsc0)) * 1_000_000 / i128::from(khz)
-    }
-}
-
-/// What the marks before or after an outage say about guest REALTIME − host realtime.
-#[derive(Clone, Debug)]
-struct Reading {
-    /// The narrowest bracket: the offset the bracket alone gives, ±its half width.
-    best: Mark,
-    /// The median over the marks of the offset at the instant of each guest reading (from its
-    /// TSC and the VM offset), and the spread (max − min) of those offsets, ns.
-    offset: i128,
-    spread: i128,
-    /// The VM offset and TSC rate (kHz) in force while the marks were taken.
-    vm_offset: u64,
-    khz: u64,
-}
-
-impl Reading {
-    /// Host realtime, ns, when the guest's TSC read `guest_tsc` under this reading's offset.
-    fn host_ns_of_guest_tsc(&self, guest_tsc: u64) -> i128 {
-        self.best
-            .host_ns_of_guest_tsc(guest_tsc, self.vm_offset, self.khz)
-    }
-}
-
-/// The guest's console: hourglass's stdin and stdout.
-struct Probe {
-    c: Console,
-    keys: ChildStdin,
-    /// Where in stdout the next answer is looked for.
-    at: usize,
-    /// The last mark's number (the guest counts them too, across restores).
-    seq: u64,
-}
-
-impl Probe {
-    /// `hourglass` with `args`; `seq` marks taken so far. With no arguments it only serves
-    /// (a migration's destination).
-    fn spawn(tag: &str, args: &[&str], seq: u64) -> Self {
-        let mut c = Console::spawn(tag, args, Stdio::piped());
-        let path = if args.is_empty() {
-            "vmm.ping"
-        } else {
-            "vm.info"
-        };
-        c.wait_answer(path, Duration::from_secs(120));
-        let keys = c.child.stdin.take().expect("stdin");
-        Probe {
-            c,
-            keys,
-            at: 0,
-            seq,
-        }
-    }
-
-    fn send(&mut self, what: &[u8]) {
-        self.keys
-            .write_all(what)
-            .expect("write to hourglass's stdin");
-    }
-
-    /// The line that starts with `prefix` (after [`Probe::at`]), without it; moves past it.
-    fn line(&mut self, prefix: &str) -> String {
-        let start = self.c.wait_stdout(self.at, prefix, Duration::from_secs(60));
-        let end = self.c.wait_stdout(start, "\n", Duration::from_secs(60));
-        self.at = end;
-        String::from_utf8_lossy(&self.c.seen[start..end])
-            .trim()
-            .to_owned()
-    }
-
-    fn mark(&mut self) -> Mark {
-        self.seq += 1;
-        let t0 = host_tsc();
-        let h0 = host_ns();
-        let t1 = host_tsc();
-        self.send(b"M");
-        // The guest writes one ACK byte right after its reading, before anything else.
-        self.at = self
-            .c
-            .wait_stdout(self.at, "\u{6}", Duration::from_secs(60));
-        let h1 = host_ns();
-        let rt = self.line(&format!("HG-T {} ", self.seq));
-        let detail = self.line(&format!("HG-MARK {} ", self.seq));
-        let nums: Vec<i128> = detail
-            .split_whitespace()
-            .filter(|w| *w != "GAP")
-            .map(|w| w.parse().unwrap_or_else(|_| panic!("mark {detail:?}")))
-            .collect();
-        assert_eq!(nums.len(), 3 * SAMPLE_LEN, "mark {detail:?}");
-        assert_eq!(
-            rt.parse::<i128>().ok(),
-            Some(nums[0]),
-            "{rt:?} / {detail:?}"
-        );
-        Mark {
-            h0,
-            h1,
-            tsc0: t0.wrapping_add(t1.wrapping_sub(t0) / 2),
-            now: Sample::from(&nums[0..SAMPLE_LEN]),
-            step: (
-                Sample::from(&nums[SAMPLE_LEN..2 * SAMPLE_LEN]),
-                Sample::from(&nums[2 * SAMPLE_LEN..]),
-            ),
-        }
-    }
-
-    /// The steps the probe kept in the window the last mark closed (its [`STEPS`] largest),
-    /// each as the two readings around it.
-    fn kept_steps(&mut self) -> Vec<(Sample, Sample)> {
-        let start = self.at;
-        self.send(b"P");
-        let end = self.line("HG-STEPS-END ");
-        let text = String::from_utf8_lossy(&self.c.seen[start..self.at]).into_owned();
-        let steps: Vec<(Sample, Sample)> = text
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("HG-STEP "))
-            .map(|l| {
-                let v: Vec<i128> = l
-                    .split_whitespace()
-                    .map(|w| w.parse().unwrap_or_else(|_| panic!("step {l:?}")))
-                    .collect();
-                assert_eq!(v.len(), 2 * SAMPLE_LEN, "step {l:?}");
-                (
-                    Sample::from(&v[..SAMPLE_LEN]),
-                    Sample::from(&v[SAMPLE_LEN..]),
-                )
-            })
-            .collect();
-        assert_eq!(end.parse::<usize>().ok(), Some(steps.len()), "{text}");
-        assert!(steps.len() <= STEPS, "{text}");
-        steps
-    }
-
-    /// [`MARKS`] marks, read two ways: the narrowest bracket, and each guest reading placed in
-    /// host time by its TSC (`vm.info`'s VM offset and TSC rate). Each reading's host time
-    /// must lie inside its own bracket (what makes the TSC's answer more than the VMM's word
-    /// about its offset): the median of those is what the test asserts on, at a precision
-    /// the console's round trip (±4-12 ms on one emulated CPU) cannot give.
-    fn reading(&mut self) -> Reading {
-        let clock = self.info()["clock"].clone();
-        let vm_offset = clock["vm_offset"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no VM offset yet: {clock}"));
-        let khz = clock["tsc_khz"].as_u64().expect("tsc_khz");
-        let marks: Vec<Mark> = (0..MARKS).map(|_| self.mark()).collect();
-        let mut offsets: Vec<i128> = marks
-            .iter()
-            .map(|m| {
-                let at = m.host_ns_of_guest_tsc(m.now.tsc as u64, vm_offset, khz);
-                assert!(
-                    at >= m.h0 - READING_SLACK_NS && at <= m.h1 + READING_SLACK_NS,
-                    "mark {}: the guest's TSC puts its reading at host {} ns, outside the \
-                     bracket {}..{} (VM offset {vm_offset}, {khz} kHz): the offset or the TSC \
-                     is not what vm.info says",
-                    m.now.rt,
-                    at,
-                    m.h0,
-                    m.h1
-                );
-                m.now.rt - at
-            })
-            .collect();
-        offsets.sort_unstable();
-        Reading {
-            best: marks
-                .iter()
-                .min_by_key(|m| m.half_width())
-                .expect("marks")
-                .clone(),
-            offset: offsets[offsets.len() / 2],
-            spread: offsets[offsets.len() - 1] - offsets[0],
-            vm_offset,
-            khz,
-        }
-    }
-
-    fn clocksource(&mut self) -> String {
-        self.send(b"C");
-        self.line("HG-CS ")
-    }
-
-    /// (reads, backwards steps, largest backwards step in cycles).
-    fn tsc_sync(&mut self) -> (u64, u64, u64) {
-        self.send(b"S");
-        let l = self.line("HG-TSCSYNC ");
-        let v: Vec<u64> = l
-            .split_whitespace()
-            .filter_map(|w| w.parse().ok())
-            .collect();
-        assert_eq!(v.len(), 3, "{l:?}");
-        (v[0], v[1], v[2])
-    }
-
-    fn info(&self) -> Value {
-        let (code, body) = self.c.api("GET", "vm.info", None);
-        assert_eq!(code, 200, "{body}");
-        serde_json::from_str(&body).expect("vm.info is JSON")
-    }
-
-    fn console(&self) -> String {
-        String::from_utf8_lossy(&self.c.seen).into_owned()
-    }
-}
-
-/// What an outage did to the guest's clocks; one row of the README's table.
-struct Outcome {
-    op: &'static str,
-    /// The outage as the test bracketed it: surely stopped, at most stopped, ns.
-    outage: (i128, i128),
-    /// Change of guest − host REALTIME, ns, and its uncertainty: the guest's readings placed
-    /// in host time by their TSC (half the marks' spread before plus after).
-    rt_change: i128,
-    rt_uncertainty: i128,
-    /// The same change from the narrowest brackets alone, and its uncertainty.
-    bracket_change: i128,
-    bracket_uncertainty: i128,
-    /// The guest's MONOTONIC and BOOTTIME steps across the outage, ns; TSC cycles.
-    mono_step: i128,
-    rt_step: i128,
-    boot_step: i128,
-    tsc_step: i128,
-    clocksource: String,
-    master_clock: bool,
-    /// The resume's thaw plus the release of the vCPU threads (`vm.info` `pause_stats`), ns.
-    resume_latency: i128,
-    /// Host time the guest's clock ran across the outage: from its last reading to the freeze,
-    /// from the thaw to its first reading; and the real time between those readings, ns.
-    ran_before: i128,
-    ran_after: i128,
-    real_step: i128,
-    /// What the policy promises the MONOTONIC step to be (see `check`), as an interval, ns.
-    promised: (i128, i128),
-}
-
-fn ms(ns: i128) -> f64 {
-    ns as f64 / 1e6
-}
-
-/// Check one outage (see the module doc) and return its row.
-#[allow(clippy::too_many_arguments)]
-fn check(
-    op: &'static str,
-    policy: &str,
-    clocksource: &str,
-    p: &mut Probe,
-    before: &Reading,
-    outage: (i128, i128),
-    (frozen_by, thawed_after): (i128, i128),
-) -> Outcome {
-    // The first mark after the outage closes the window that holds it.
-    let first = p.mark();
-    let steps = p.kept_steps();
-    let after = p.reading();
-    let info = p.info();
-    let clock = &info["clock"];
-    let elapsed_shown = clock["last_elapsed_ns"].as_i64().expect("last_elapsed_ns") as i128;
-    // Where the freeze and the thaw were in host time: the guest's TSC at each (the thaw's
-    // report) less the VM offset in force on that side.
-    let report = &clock["last_report"];
-    let guest_tsc_at = |k: &str| {
-        report[k]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{k}: {report}"))
-    };
-    let (g_freeze, g_thaw) = (
-        guest_tsc_at("freeze_guest_tsc"),
-        guest_tsc_at("thaw_guest_tsc"),
-    );
-    // The outage's step: the shortest kept step whose readings straddle the freeze and the
-    // thaw (under `wallclock` it is also the largest; under `frozen` a hiccup can be longer).
-    let &(a, b) = steps
-        .iter()
-        .filter(|(a, b)| a.tsc_end as u64 <= g_freeze && b.tsc as u64 >= g_thaw)
-        .min_by_key(|(a, b)| b.mono - a.mono)
-        .unwrap_or_else(|| {
-            panic!(
-                "{op}: none of the {} kept steps straddles the freeze (guest TSC {g_freeze}) \
-                 and the thaw ({g_thaw}); the largest: {:?}; the mark: {first:?}",
-                steps.len(),
-                first.step
-            )
-        });
-    // How many kept steps were longer than the outage's (under `frozen`, the guest's
-    // scheduling hiccups can be): the margin [`STEPS`] leaves.
-    let longer = steps
-        .iter()
-        .filter(|(x, y)| y.mono - x.mono > b.mono - a.mono)
-        .count();
-    let freeze = before.host_ns_of_guest_tsc(g_freeze);
-    let thaw = after.host_ns_of_guest_tsc(g_thaw);
-    // The clocks of `a` and `b` were read between their two TSC reads: these are the bounds.
-    let last_before = before.host_ns_of_guest_tsc(a.tsc as u64);
-    let last_before_end = before.host_ns_of_guest_tsc(a.tsc_end as u64);
-    let first_after = after.host_ns_of_guest_tsc(b.tsc as u64);
-    let first_after_end = after.host_ns_of_guest_tsc(b.tsc_end as u64);
-    // What the policy promises the MONOTONIC step to be, as an interval: under `wallclock` the
-    // real time between the two readings, under `frozen` the time the guest's clock ran.
-    let promised = if policy == "wallclock" {
-        (first_after - last_before_end, first_after_end - last_before)
-    } else {
-        (
-            (freeze - last_before_end) + (first_after - thaw),
-            (freeze - last_before) + (first_after_end - thaw),
-        )
-    };
-    let o = Outcome {
-        op,
-        outage,
-        rt_change: after.offset - before.offset,
-        rt_uncertainty: (after.spread + before.spread) / 2,
-        bracket_change: after.best.offset() - before.best.offset(),
-        bracket_uncertainty: after.best.half_width() + before.best.half_width(),
-        mono_step: b.mono - a.mono,
-        rt_step: b.rt - a.rt,
-        boot_step: b.boot - a.boot,
-        tsc_step: b.tsc - a.tsc,
-        clocksource: p.clocksource(),
-        master_clock: clock["master_clock"] == true,
-        resume_latency: ["last_thaw_ns", "last_released_ns"]
-            .iter()
-            .map(|k| info["pause_stats"][k].as_i64().unwrap_or(0) as i128)
-            .sum(),
-        ran_before: freeze - last_before,
-        ran_after: first_after - thaw,
-        real_step: first_after - last_before,
-        promised,
-    };
-    let what = format!(
-        "{op}, {clocksource}, {policy}: outage {:.3}..{:.3} ms, REALTIME change {:.3} ms \
-         (±{:.3}; brackets alone {:.3} ±{:.3}), MONOTONIC step {:.3} ms, BOOTTIME step {:.3} \
-         ms, TSC step {} cycles, elapsed shown {:.3} ms; in host time: last reading before -> \
-         freeze {:.3} ms, freeze -> thaw {:.3} ms, thaw -> first reading after {:.3} ms, \
-         first reading after - last before {:.3} ms; promised step {:.3}..{:.3} ms; {longer} \
-         of {} kept steps longer; \
-         pause_stats {}; clock {clock}",
-        ms(outage.0),
-        ms(outage.1),
-        ms(o.rt_change),
-        ms(o.rt_uncertainty),
-        ms(o.bracket_change),
-        ms(o.bracket_uncertainty),
-        ms(o.mono_step),
-        ms(o.boot_step),
-        o.tsc_step,
-        ms(elapsed_shown),
-        ms(o.ran_before),
-        ms(thaw - freeze),
-        ms(o.ran_after),
-        ms(o.real_step),
-        ms(o.promised.0),
-        ms(o.promised.1),
-        steps.len(),
-        info["pause_stats"],
-    );
-    println!("{what}");
-    assert_eq!(clock["policy_applied"], policy, "{what}");
-    // The two ways of reading the change must agree within the brackets' own uncertainty.
-    assert!(
-        (o.rt_change - o.bracket_change).abs() <= o.bracket_uncertainty + o.rt_uncertainty,
-        "the TSC-placed and the bracketed REALTIME change disagree: {what}"
-    );
-    // The freeze came after the guest's last reading and before the VM was surely stopped;
-    // the thaw after the resume (restore, migration) began and before the first reading.
-    let slack = READING_SLACK_NS;
-    assert!(
-        freeze >= last_before - slack && freeze <= frozen_by + slack,
-        "the freeze is not between the last reading and the pause's end: {what}"
-    );
-    assert!(
-        thaw >= thawed_after - slack && thaw <= first_after + slack && thaw >= freeze,
-        "the thaw is not between the resume's start and the first reading: {what}"
-    );
-    match policy {
-        "wallclock" => {
-            // REALTIME kept the host's, and MONOTONIC stepped as REALTIME did: it advanced by
-            // the real outage (from this vCPU's stop to its first run after), at least the
-            // time the VM was surely paused.
-            assert!(o.rt_change.abs() <= BOUND_NS, "REALTIME moved: {what}");
-            assert!(
-                (o.mono_step - o.rt_step).abs() <= BOUND_NS,
-                "MONOTONIC and REALTIME stepped differently: {what}"
-            );
-            assert!(
-                o.mono_step >= outage.0 - BOUND_NS,
-                "MONOTONIC advanced less than the outage: {what}"
-            );
-            // And by the real time between the two readings (same host), within 5 ms.
-            assert!(
-                o.mono_step >= o.promised.0 - BOUND_NS && o.mono_step <= o.promised.1 + BOUND_NS,
-                "MONOTONIC did not step by the real time: {what}"
-            );
-        }
-        "frozen" => {
-            // The guest's clock runs only while the VM is thawed: from its last reading to the
-            // freeze, and from the thaw's sample to its first reading after (the resume's own
-            // latency: on a real host the thaw and release, about 0.1-0.3 ms, docs/design.md
-            // §5; under the emulator tens to a hundred ms, the thaw, the release and the
-            // vCPU's first run waiting for the one CPU and faulting its memory in, all printed
-            // above). MONOTONIC advanced by what the guest ran, within 5 ms: the issue's bound,
-            // with "ran" measured in host time through the TSC, not assumed.
-            assert!(
-                o.mono_step >= o.promised.0 - BOUND_NS && o.mono_step <= o.promised.1 + BOUND_NS,
-                "MONOTONIC advanced by more (or less) than the guest ran: {what}"
-            );
-            assert!(
-                -o.rt_change >= outage.0 - BOUND_NS && -o.rt_change <= outage.1 + BOUND_NS,
-                "REALTIME does not lag by the outage: {what}"
-            );
-        }
-        other => panic!("policy {other}"),
-    }
-    assert_eq!(
-        o.clocksource, clocksource,
-        "the clocksource changed: {what}"
-    );
-    let (reads, back, worst) = p.tsc_sync();
-    assert_eq!(
-        back, 0,
-        "{back} of {reads} TSC reads across vCPUs went backwards (by up to {worst} cycles)"
-    );
-    assert!(o.master_clock, "KVM's master clock is off: {what}");
-    let pages = clock["guest_kvmclock"].as_array().expect("guest_kvmclock");
-    assert_eq!(pages.len(), 2, "{what}");
-    assert!(
-        pages.iter().all(|pg| pg["tsc_stable"] == true),
-        "a kvmclock page without PVCLOCK_TSC_STABLE_BIT: {what}"
-    );
-    let console = p.console();
-    for bad in CLOCK_COMPLAINTS.into_iter().chain(["TSC synchronization"]) {
-        assert!(
-            !console.contains(bad),
-            "the kernel said {bad:?}:\n{console}"
-        );
-    }
-    o
-}
 
 /// Boot the probe with `extra_cmdline` and `policy`; pause for [`OUTAGE`] and resume; then
 /// snapshot, kill, wait [`OUTAGE`], restore in a new process. Check each (see the module doc).
@@ -591,61 +77,36 @@ fn clocks_across_outages(test: &str, extra_cmdline: &str, clocksource: &str, pol
         return;
     };
     let dir = temp_dir(test);
-    let archive = dir.join("initramfs.cpio");
-    std::fs::write(&archive, initramfs(Init::ClockProbe)).expect("write the initramfs");
-    let cmdline = format!("console=ttyS0 panic=0 {extra_cmdline}");
-    let args = [
-        vec!["--cpus".into(), "boot=2".into()],
-        linux_args(&kernel, &archive, cmdline.trim_end()),
-        vec!["--clock-policy".into(), policy.into()],
-    ]
-    .concat();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut p = Probe::spawn(test, &args, 0);
-    p.line("HG-PROBE-READY");
-    assert_eq!(p.clocksource(), clocksource, "at boot");
-    let (reads, back, worst) = p.tsc_sync();
-    assert_eq!(
-        back, 0,
-        "at boot: {back} of {reads} backwards, up to {worst}"
-    );
-    // A first short pause gives vm.info the VM offset (reported from the first thaw on) that
-    // places the guest's readings in host time.
-    for path in ["vm.pause", "vm.resume"] {
-        let (code, body) = p.c.api("PUT", path, None);
-        assert_eq!(code, 204, "{path}: {body}");
-    }
+    let mut p = boot_probe(test, &dir, &kernel, extra_cmdline, clocksource, policy);
     let mut rows = Vec::new();
 
     // Pause, OUTAGE, resume.
     let before = p.reading();
-    let t0 = host_ns();
+    let t0 = realtime_ns();
     let (code, body) = p.c.api("PUT", "vm.pause", None);
     assert_eq!(code, 204, "{body}");
-    let t1 = host_ns();
+    let t1 = realtime_ns();
     // The outage is the subject of the test, not a wait for something.
     std::thread::sleep(OUTAGE);
-    let t2 = host_ns();
+    let t2 = realtime_ns();
     let (code, body) = p.c.api("PUT", "vm.resume", None);
     assert_eq!(code, 204, "{body}");
-    let t3 = host_ns();
+    let t3 = realtime_ns();
     rows.push(check(
-        "pause 10 s, resume",
         policy,
         clocksource,
         &mut p,
         &before,
-        (t2 - t1, t3 - t0),
-        (t1, t2),
+        &Outage::on_one_host("pause 10 s, resume", (t2 - t1, t3 - t0), (t1, t2)),
     ));
 
     // Snapshot, kill, OUTAGE, restore in a new process.
     let before = p.reading();
     let snap = dir.join("snap");
-    let t0 = host_ns();
+    let t0 = realtime_ns();
     let (code, body) = p.c.api("PUT", "vm.pause", None);
     assert_eq!(code, 204, "{body}");
-    let t1 = host_ns();
+    let t1 = realtime_ns();
     let body = serde_json::json!({ "destination_url": format!("file://{}", snap.display()) });
     let (code, body) = p.c.api("PUT", "vm.snapshot", Some(&body.to_string()));
     assert_eq!(code, 204, "vm.snapshot: {body}");
@@ -653,21 +114,23 @@ fn clocks_across_outages(test: &str, extra_cmdline: &str, clocksource: &str, pol
     let old_console = p.console();
     drop(p);
     std::thread::sleep(OUTAGE);
-    let t2 = host_ns();
+    let t2 = realtime_ns();
     let source = format!(
         "source_url=file://{},resume=true,clock_policy={policy}",
         snap.display()
     );
     let mut p = Probe::spawn(&format!("{test}-restored"), &["--restore", &source], seq);
-    let t3 = host_ns();
+    let t3 = realtime_ns();
     rows.push(check(
-        "snapshot, kill, 10 s, restore",
         policy,
         clocksource,
         &mut p,
         &before,
-        (t2 - t1, t3 - t0),
-        (t1, t2),
+        &Outage::on_one_host(
+            "snapshot, kill, 10 s, restore",
+            (t2 - t1, t3 - t0),
+            (t1, t2),
+        ),
     ));
     for bad in CLOCK_COMPLAINTS {
         assert!(!old_console.contains(bad), "before the restore: {bad}");
@@ -692,14 +155,14 @@ fn clocks_across_outages(test: &str, extra_cmdline: &str, clocksource: &str, pol
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let t0 = host_ns();
+    let t0 = realtime_ns();
     let (code, body) = p.c.api(
         "PUT",
         "vm.send-migration",
         Some(&serde_json::json!({ "destination_url": url }).to_string()),
     );
     assert_eq!(code, 204, "send-migration: {body}");
-    let t1 = host_ns();
+    let t1 = realtime_ns();
     let (code, body) = rx.join().expect("receiver").expect("receive-migration");
     assert_eq!(code, 204, "receive-migration: {body}");
     let source_console = p.console();
@@ -714,38 +177,15 @@ fn clocks_across_outages(test: &str, extra_cmdline: &str, clocksource: &str, pol
         assert!(!source_console.contains(bad), "before the migration: {bad}");
     }
     rows.push(check(
-        "live migration (same host)",
         policy,
         clocksource,
         &mut dst,
         &before,
-        (0, downtime_ns),
-        (t1, t0),
+        &Outage::on_one_host("live migration (same host)", (0, downtime_ns), (t1, t0)),
     ));
 
-    // The README's rows: operation, clocksource, policy, outage (surely..at most), change of
-    // guest − host REALTIME (± the marks' uncertainty), MONOTONIC step, MONOTONIC step less
-    // the real time between the readings (wallclock) or less the time the guest's clock ran
-    // (frozen), the resume's thaw + release, thaw to first reading, clocksource after, master
-    // clock after, kernel complaints.
     for o in &rows {
-        let mid = (o.promised.0 + o.promised.1) / 2;
-        println!(
-            "| {} | {clocksource} | {policy} | {:.3}-{:.3} s | {:+.3} ms (±{:.3}) | {:.1} ms | \
-             {:+.3} ms (±{:.3}) | {:.1} ms | {:.1} ms | {} | {} | none |",
-            o.op,
-            ms(o.outage.0) / 1e3,
-            ms(o.outage.1) / 1e3,
-            ms(o.rt_change),
-            ms(o.rt_uncertainty),
-            ms(o.mono_step),
-            ms(o.mono_step - mid),
-            ms(o.promised.1 - mid),
-            ms(o.resume_latency),
-            ms(o.ran_after),
-            o.clocksource,
-            if o.master_clock { "kept" } else { "lost" },
-        );
+        println!("{}", o.row(clocksource, policy));
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

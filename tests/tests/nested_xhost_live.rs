@@ -20,42 +20,21 @@
 mod vmm_support;
 mod xhost_support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vmm_support::*;
 use xhost_support::*;
 
-/// B's control service port.
-const SERVICE: u16 = 7000;
 /// Migration ports: `MIGRATION + case`.
 const MIGRATION: u16 = 7100;
-fn realtime_ns() -> i128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("realtime after 1970")
-        .as_nanos() as i128
-}
 
 // ---- host B ------------------------------------------------------------------------------------
-
-/// Whether /proc/net/tcp has a socket on local `port` in `state` (0A listen, 01 established).
-fn tcp_state(port: u16, state: &str) -> bool {
-    // The receiver listens on `[::]` (IPv6, the link's addresses being link-local ones).
-    let want = format!(":{port:04X}");
-    ["/proc/net/tcp6", "/proc/net/tcp"].iter().any(|table| {
-        let text = std::fs::read_to_string(table).unwrap_or_default();
-        text.lines().skip(1).any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1].ends_with(&want) && f[3] == state
-        })
-    })
-}
 
 /// Bytes received on eth0 so far (the migration is all the traffic there is while it runs; a
 /// process's `rchar` would not count socket reads made with recv(2)).
@@ -189,46 +168,6 @@ fn role_b() {
 }
 
 // ---- host A ------------------------------------------------------------------------------------
-
-/// One command to B's service. The first waits up to 10 minutes for B to boot; later ones give
-/// up after 60 s (B's side of the test has failed).
-fn ask(peer: &str, cmd: &str) -> String {
-    static CONTACT: AtomicBool = AtomicBool::new(false);
-    let wait = if CONTACT.load(Ordering::SeqCst) {
-        60
-    } else {
-        600
-    };
-    // `peer` is `fe80::...%eth0`: link-local, with its interface.
-    let addr = vmm::migration::transport::resolve(peer, SERVICE).expect("B's address")[0];
-    let deadline = Instant::now() + Duration::from_secs(wait);
-    loop {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-            Ok(mut s) => {
-                CONTACT.store(true, Ordering::SeqCst);
-                s.write_all(format!("{cmd}\n").as_bytes()).expect("send");
-                let mut out = String::new();
-                s.read_to_string(&mut out).expect("read the reply");
-                return out;
-            }
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
-            Err(e) => panic!("host B's service at {addr} did not answer {cmd:?}: {e}"),
-        }
-    }
-}
-
-/// B's realtime minus A's, ns, and its uncertainty (half the best round trip).
-fn clock_disagreement(peer: &str) -> (i128, i128) {
-    (0..7)
-        .map(|_| {
-            let t1 = realtime_ns();
-            let tb: i128 = ask(peer, "time").trim().parse().expect("B's time");
-            let t2 = realtime_ns();
-            (tb - (t1 + t2) / 2, (t2 - t1) / 2)
-        })
-        .min_by_key(|&(_, unc)| unc)
-        .expect("samples")
-}
 
 fn boot(tag: &str, dirty_mib: u32) -> Hourglass {
     let dirty = dirty_mib.to_string();

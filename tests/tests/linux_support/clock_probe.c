@@ -26,6 +26,9 @@
  *   S  TSC synchronisation: 400 reads alternating between CPU 0 and CPU 1 (sched_setaffinity),
  *      "HG-TSCSYNC <reads> <backwards> <largest backwards step in cycles>"
  *   C  "HG-CS <current clocksource>"
+ *   W  start a writer (once): a child process on CPU 1 that writes one byte into each page of
+ *      a 4 MiB buffer, pass after pass, 10 ms apart, for good (what a migration "while the
+ *      guest writes memory" must keep re-sending); "HG-WRITER <pid>"
  * A <sample> is "<rt> <mono> <boot> <tsc> <tsc_end>": the three clocks, then the TSC read just
  * before and just after them. All numbers are decimal, nanoseconds or cycles.
  */
@@ -38,6 +41,8 @@ typedef long i64;
 #define SYS_open 2
 #define SYS_close 3
 #define SYS_poll 7
+#define SYS_nanosleep 35
+#define SYS_fork 57
 #define SYS_ioctl 16
 #define SYS_exit 60
 #define SYS_mount 165
@@ -183,6 +188,35 @@ static void clocksource(void)
     flush();
 }
 
+/* The writer's buffer: 4 MiB of bss, its pages the child's own once it writes them. */
+#define WRITER_BYTES (4ul << 20)
+static unsigned char writer_buf[WRITER_BYTES];
+static i64 writer_pid;
+
+static void writer(void)
+{
+    if (!writer_pid) {
+        writer_pid = sys3(SYS_fork, 0, 0, 0);
+        if (writer_pid == 0) {
+            struct {
+                i64 sec, nsec;
+            } pause = {0, 10000000};
+            unsigned char pass = 0;
+            pin(2);
+            for (;;) {
+                u64 off;
+                pass++;
+                for (off = 0; off < WRITER_BYTES; off += 4096)
+                    ((volatile unsigned char *)writer_buf)[off] = pass;
+                sys3(SYS_nanosleep, &pause, 0, 0);
+            }
+        }
+    }
+    put("HG-WRITER ");
+    put_u64((u64)writer_pid);
+    flush();
+}
+
 /* The steps a window keeps, and what it keeps of each; and those of the last closed window. */
 #define STEPS 16
 static struct sample step_a[STEPS], step_b[STEPS];
@@ -323,11 +357,13 @@ void probe_main(void)
                     flush();
                     /* A new window: the report took time that is not a step of the clocks. */
                     window_restart(&prev, &prev2);
-                } else if (cmd[i] == 'S' || cmd[i] == 'C') {
+                } else if (cmd[i] == 'S' || cmd[i] == 'C' || cmd[i] == 'W') {
                     if (cmd[i] == 'S')
                         tsc_sync();
-                    else
+                    else if (cmd[i] == 'C')
                         clocksource();
+                    else
+                        writer();
                     /* A new window: what the report took is not a step of the guest's clocks. */
                     window_restart(&prev, &prev2);
                 }

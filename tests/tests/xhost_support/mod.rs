@@ -3,12 +3,18 @@
 
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::process::Command;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
 use crate::vmm_support::*;
+
+/// Host B's control service port (the `nested_xhost_live_*` tests, one at a time).
+pub const SERVICE: u16 = 7000;
 
 /// Emulated hosts are slow: stretch every wait this much.
 pub const SLOW: u32 = 8;
@@ -86,4 +92,71 @@ pub fn serve(tag: &str) -> Hourglass {
     let mut h = Hourglass::spawn_cmd(Command::new(prebuilt_or_built("hourglass")), tag);
     h.wait_serving(Duration::from_secs(20) * SLOW);
     h
+}
+
+/// This host's realtime, ns since the epoch.
+pub fn realtime_ns() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("realtime after 1970")
+        .as_nanos() as i128
+}
+
+/// Whether /proc/net/tcp has a socket on local `port` in `state` (0A listen, 01 established).
+pub fn tcp_state(port: u16, state: &str) -> bool {
+    // The receiver listens on `[::]` (IPv6, the link's addresses being link-local ones).
+    let want = format!(":{port:04X}");
+    ["/proc/net/tcp6", "/proc/net/tcp"].iter().any(|table| {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        text.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&want) && f[3] == state
+        })
+    })
+}
+
+/// One command to B's service. The first waits up to 10 minutes for B to boot; later ones give
+/// up after 60 s (B's side of the test has failed).
+pub fn ask(peer: &str, cmd: &str) -> String {
+    ask_with(peer, cmd, |_| {})
+}
+
+/// [`ask`], with `payload` writing more after the command's line (a file, say).
+pub fn ask_with(peer: &str, cmd: &str, payload: impl FnOnce(&mut TcpStream)) -> String {
+    static CONTACT: AtomicBool = AtomicBool::new(false);
+    let wait = if CONTACT.load(Ordering::SeqCst) {
+        60
+    } else {
+        600
+    };
+    // `peer` is `fe80::...%eth0`: link-local, with its interface.
+    let addr = vmm::migration::transport::resolve(peer, SERVICE).expect("B's address")[0];
+    let deadline = Instant::now() + Duration::from_secs(wait);
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(mut s) => {
+                CONTACT.store(true, Ordering::SeqCst);
+                s.write_all(format!("{cmd}\n").as_bytes()).expect("send");
+                payload(&mut s);
+                let mut out = String::new();
+                s.read_to_string(&mut out).expect("read the reply");
+                return out;
+            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => panic!("host B's service at {addr} did not answer {cmd:?}: {e}"),
+        }
+    }
+}
+
+/// B's realtime minus A's, ns, and its uncertainty (half the best round trip).
+pub fn clock_disagreement(peer: &str) -> (i128, i128) {
+    (0..7)
+        .map(|_| {
+            let t1 = realtime_ns();
+            let tb: i128 = ask(peer, "time").trim().parse().expect("B's time");
+            let t2 = realtime_ns();
+            (tb - (t1 + t2) / 2, (t2 - t1) / 2)
+        })
+        .min_by_key(|&(_, unc)| unc)
+        .expect("samples")
 }
