@@ -1,7 +1,9 @@
 //! A Linux guest's own clocks across pause/resume, snapshot → kill → restore and live migration
 //! to a second `hourglass` in the same host (issue 14), on
 //! the nested kvm_amd host (Debian's kernel as the guest, 2 vCPUs), for each guest clocksource
-//! (`tsc`, which the guest picks itself here, and `kvm-clock`) and each policy.
+//! (`tsc`, which the guest picks itself here, and `kvm-clock`) and each policy. The same
+//! measurement across two hosts: nested_xhost_live_linux.rs. The probe's console and the check
+//! are in tests/tests/clock_support.
 //!
 //! The guest's `/init` is the clock probe (tests/tests/linux_support/clock_probe.c): it reads
 //! CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_BOOTTIME and the TSC in a tight loop and keeps the

@@ -112,11 +112,36 @@ impl Reading {
     }
 }
 
+/// `text` without the kernel's console messages: from a "[" that opens a timestamp
+/// ("[  131.839135]") through the end of its line. The probe prints no "[". A message whose
+/// line has not ended yet stays in until it has (and then goes: nothing before it moves).
+pub fn without_kernel_lines(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('[') {
+        let (head, tail) = rest.split_at(i);
+        out.push_str(head);
+        let stamp = tail[1..].find(']').is_some_and(|j| {
+            let inner = tail[1..1 + j].trim_start();
+            inner.contains('.') && inner.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        });
+        match (stamp, tail.find('\n')) {
+            (true, Some(nl)) => rest = &tail[nl + 1..],
+            _ => {
+                out.push('[');
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The guest's console: hourglass's stdin and stdout.
 pub struct Probe {
     pub c: Console,
     pub keys: ChildStdin,
-    /// Where in stdout the next answer is looked for.
+    /// Where in [`Probe::text`] the next answer is looked for.
     pub at: usize,
     /// The last mark's number (the guest counts them too, across restores).
     pub seq: u64,
@@ -148,14 +173,50 @@ impl Probe {
             .expect("write to hourglass's stdin");
     }
 
+    /// The probe's output so far: stdout without the kernel's console messages, which the
+    /// guest's kernel prints whenever it likes, in the middle of the probe's lines too (seen:
+    /// "... 340182623481[  131.839135] hrtimer: interrupt took 8759138 ns" in the middle of
+    /// a step). [`Probe::at`] counts in this text.
+    pub fn text(&self) -> String {
+        without_kernel_lines(&String::from_utf8_lossy(&self.c.seen))
+    }
+
+    /// Wait until [`Probe::text`] after `from` holds `pattern`; the offset just past it.
+    fn wait_text(&mut self, from: usize, pattern: &str) -> usize {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = self.text();
+            if let Some(i) = text.get(from..).and_then(|t| t.find(pattern)) {
+                return from + i + pattern.len();
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.c.out.recv_timeout(left) {
+                Ok(chunk) => self.c.seen.extend_from_slice(&chunk),
+                Err(e) => {
+                    let tail: String = text
+                        .chars()
+                        .rev()
+                        .take(3000)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect();
+                    panic!(
+                        "{pattern:?} not on the console ({e:?}); the probe's output's tail:\n{tail}\n\
+                         hourglass said:\n{}",
+                        self.c.stderr()
+                    );
+                }
+            }
+        }
+    }
+
     /// The line that starts with `prefix` (after [`Probe::at`]), without it; moves past it.
     pub fn line(&mut self, prefix: &str) -> String {
-        let start = self.c.wait_stdout(self.at, prefix, Duration::from_secs(60));
-        let end = self.c.wait_stdout(start, "\n", Duration::from_secs(60));
+        let start = self.wait_text(self.at, prefix);
+        let end = self.wait_text(start, "\n");
         self.at = end;
-        String::from_utf8_lossy(&self.c.seen[start..end])
-            .trim()
-            .to_owned()
+        self.text()[start..end].trim().to_owned()
     }
 
     pub fn mark(&mut self) -> Mark {
@@ -163,11 +224,12 @@ impl Probe {
         let t0 = host_tsc();
         let h0 = realtime_ns();
         let t1 = host_tsc();
+        let sent_at = self.c.seen.len();
         self.send(b"M");
-        // The guest writes one ACK byte right after its reading, before anything else.
-        self.at = self
-            .c
-            .wait_stdout(self.at, "\u{6}", Duration::from_secs(60));
+        // The guest writes one ACK byte right after its reading, before anything else: waited
+        // for in stdout itself, the bracket's end as close to it as the console allows.
+        self.c
+            .wait_stdout(sent_at, "\u{6}", Duration::from_secs(60));
         let h1 = realtime_ns();
         let rt = self.line(&format!("HG-T {} ", self.seq));
         let detail = self.line(&format!("HG-MARK {} ", self.seq));
@@ -200,7 +262,7 @@ impl Probe {
         let start = self.at;
         self.send(b"P");
         let end = self.line("HG-STEPS-END ");
-        let text = String::from_utf8_lossy(&self.c.seen[start..self.at]).into_owned();
+        let text = self.text()[start..self.at].to_owned();
         let steps: Vec<(Sample, Sample)> = text
             .lines()
             .filter_map(|l| l.trim().strip_prefix("HG-STEP "))
@@ -668,4 +730,17 @@ pub fn boot_probe(
         assert_eq!(code, 204, "{path}: {body}");
     }
     p
+}
+
+#[test]
+fn kernel_messages_are_cut_out_of_probe_lines() {
+    // As seen on the console (the kernel's message inside a step's line, before its end).
+    let seen = "HG-STEP 1 2 3\r\nHG-STEP 4 5[  131.839135] hrtimer: interrupt took 8759138 ns\r\n 6\r\n\
+                [    0.000000] Linux version 6.1\r\nHG-CS tsc\r\n[ 1.5] unfinished";
+    assert_eq!(
+        without_kernel_lines(seen),
+        "HG-STEP 1 2 3\r\nHG-STEP 4 5 6\r\nHG-CS tsc\r\n[ 1.5] unfinished"
+    );
+    // A "[" that opens no timestamp stays.
+    assert_eq!(without_kernel_lines("a [x] b\n"), "a [x] b\n");
 }
