@@ -735,7 +735,8 @@ pub fn boot_probe(
 #[test]
 fn kernel_messages_are_cut_out_of_probe_lines() {
     // As seen on the console (the kernel's message inside a step's line, before its end).
-    let seen = "HG-STEP 1 2 3\r\nHG-STEP 4 5[  131.839135] hrtimer: interrupt took 8759138 ns\r\n 6\r\n\
+    let seen =
+        "HG-STEP 1 2 3\r\nHG-STEP 4 5[  131.839135] hrtimer: interrupt took 8759138 ns\r\n 6\r\n\
                 [    0.000000] Linux version 6.1\r\nHG-CS tsc\r\n[ 1.5] unfinished";
     assert_eq!(
         without_kernel_lines(seen),
