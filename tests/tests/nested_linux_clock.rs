@@ -85,14 +85,12 @@ fn clocks_across_outages(test: &str, extra_cmdline: &str, clocksource: &str, pol
     // Pause, OUTAGE, resume.
     let before = p.reading();
     let t0 = realtime_ns();
-    let (code, body) = p.c.api("PUT", "vm.pause", None);
-    assert_eq!(code, 204, "{body}");
+    p.put("vm.pause", None);
     let t1 = realtime_ns();
     // The outage is the subject of the test, not a wait for something.
     std::thread::sleep(OUTAGE);
     let t2 = realtime_ns();
-    let (code, body) = p.c.api("PUT", "vm.resume", None);
-    assert_eq!(code, 204, "{body}");
+    p.put("vm.resume", None);
     let t3 = realtime_ns();
     rows.push(check(
         policy,
@@ -106,12 +104,10 @@ fn clocks_across_outages(test: &str, extra_cmdline: &str, clocksource: &str, pol
     let before = p.reading();
     let snap = dir.join("snap");
     let t0 = realtime_ns();
-    let (code, body) = p.c.api("PUT", "vm.pause", None);
-    assert_eq!(code, 204, "{body}");
+    p.put("vm.pause", None);
     let t1 = realtime_ns();
     let body = serde_json::json!({ "destination_url": format!("file://{}", snap.display()) });
-    let (code, body) = p.c.api("PUT", "vm.snapshot", Some(&body.to_string()));
-    assert_eq!(code, 204, "vm.snapshot: {body}");
+    p.put("vm.snapshot", Some(&body.to_string()));
     let seq = p.seq;
     let old_console = p.console();
     drop(p);
@@ -140,39 +136,21 @@ fn clocks_across_outages(test: &str, extra_cmdline: &str, clocksource: &str, pol
 
     // Live migration to a second hourglass in this host (serving, then receiving).
     let before = p.reading();
-    let mut dst = Probe::spawn(&format!("{test}-dst"), &[], p.seq);
     let sock = dir.join("mig.sock");
     let url = format!("unix:{}", sock.display());
-    let dst_api = dst.c.socket.clone();
-    let body = serde_json::json!({ "receiver_url": url }).to_string();
-    let rx = std::thread::spawn(move || {
-        vmm::api::client::api_request(&dst_api, "PUT", "vm.receive-migration", Some(&body))
-            .map_err(|e| e.to_string())
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !sock.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the receiver never listened"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (mut dst, rx) =
+        Probe::receiving(&format!("{test}-dst"), p.seq, &url, || sock.exists()).unwrap();
     let t0 = realtime_ns();
-    let (code, body) = p.c.api(
-        "PUT",
+    p.put(
         "vm.send-migration",
         Some(&serde_json::json!({ "destination_url": url }).to_string()),
     );
-    assert_eq!(code, 204, "send-migration: {body}");
     let t1 = realtime_ns();
     let (code, body) = rx.join().expect("receiver").expect("receive-migration");
     assert_eq!(code, 204, "receive-migration: {body}");
     let source_console = p.console();
     // The source's own measure of the downtime: from its pause to the destination's answer.
-    let downtime_ns = (p.info()["migration"]["downtime_ms"]
-        .as_f64()
-        .expect("migration.downtime_ms")
-        * 1e6) as i128;
+    let downtime_ns = downtime_ns(&p.info()["migration"]);
     assert!(downtime_ns <= t1 - t0, "downtime {downtime_ns} ns");
     drop(p);
     for bad in CLOCK_COMPLAINTS {

@@ -50,8 +50,6 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 use clock_support::*;
 use linux_support::*;
@@ -168,7 +166,7 @@ fn receive_dir(r: &mut impl BufRead, dir: &Path, files: usize) {
 #[derive(Default)]
 struct HostB {
     probe: Option<Probe>,
-    receive: Option<JoinHandle<Result<(u16, String), String>>>,
+    receive: Option<Answer>,
     /// The checks that failed here (A fails with them too, having been told).
     failed: Vec<String>,
 }
@@ -195,23 +193,16 @@ impl HostB {
             }
             ["receive", seq, port] => {
                 self.probe = None;
-                let p = Probe::spawn("xll-received", &[], parse(seq));
                 let port: u16 = parse(port);
-                let api = p.c.socket.clone();
-                let body = json!({ "receiver_url": format!("tcp:[::]:{port}") }).to_string();
-                self.receive = Some(std::thread::spawn(move || {
-                    vmm::api::client::api_request(&api, "PUT", "vm.receive-migration", Some(&body))
-                        .map_err(|e| e.to_string())
-                }));
-                let deadline = std::time::Instant::now() + Duration::from_secs(60);
-                while !tcp_state(port, "0A") {
-                    if std::time::Instant::now() > deadline {
-                        return "the receiver never listened".into();
+                let url = format!("tcp:[::]:{port}");
+                match Probe::receiving("xll-received", parse(seq), &url, || tcp_state(port, "0A")) {
+                    Ok((p, rx)) => {
+                        self.probe = Some(p);
+                        self.receive = Some(rx);
+                        "ready".into()
                     }
-                    std::thread::sleep(Duration::from_millis(10));
+                    Err(why) => why,
                 }
-                self.probe = Some(p);
-                "ready".into()
             }
             ["received"] => {
                 let h = self.receive.take().expect("received before receive");
@@ -277,7 +268,7 @@ fn send_back(p: &mut Probe, peer: &str, port: u16) -> SentBack {
     let before = p.reading();
     let body = json!({ "destination_url": format!("tcp:[{peer}]:{port}") }).to_string();
     let t0 = realtime_ns();
-    put(p, "vm.send-migration", Some(&body));
+    p.put("vm.send-migration", Some(&body));
     let t1 = realtime_ns();
     let migration = p.info()["migration"].clone();
     let console = p.console();
@@ -285,10 +276,7 @@ fn send_back(p: &mut Probe, peer: &str, port: u16) -> SentBack {
         before,
         t0,
         t1,
-        downtime_ns: (migration["downtime_ms"]
-            .as_f64()
-            .expect("migration.downtime_ms")
-            * 1e6) as i128,
+        downtime_ns: downtime_ns(&migration),
         seq: p.seq,
         complaints: CLOCK_COMPLAINTS
             .iter()
@@ -353,11 +341,6 @@ fn check_on_b(
     }
 }
 
-fn put(p: &Probe, path: &str, body: Option<&str>) {
-    let (code, text) = p.c.api("PUT", path, body);
-    assert_eq!(code, 204, "{path}: {text}");
-}
-
 /// Migrate A's guest on `p` to a receiver on B, which checks it; the row.
 fn migrate_to_b(
     p: &mut Probe,
@@ -374,12 +357,12 @@ fn migrate_to_b(
     );
     let body = json!({ "destination_url": format!("tcp:[{peer}]:{MIGRATION}") }).to_string();
     let t0 = realtime_ns();
-    put(p, "vm.send-migration", Some(&body));
+    p.put("vm.send-migration", Some(&body));
     let t1 = realtime_ns();
     let received = ask(peer, "received");
     assert!(received.starts_with("Ok((204"), "B's receive: {received}");
     let m = p.info()["migration"].clone();
-    let downtime_ns = (m["downtime_ms"].as_f64().expect("migration.downtime_ms") * 1e6) as i128;
+    let downtime_ns = downtime_ns(&m);
     println!(
         "{op}: {:.3} s in all, downtime {:.3} ms, {} pages sent, {} iterations",
         ms(t1 - t0) / 1e3,
@@ -424,10 +407,10 @@ fn role_a(test: &str, extra_cmdline: &str, clocksource: &str, policy: &str, peer
     let before = p.reading();
     let snap = dir.join("snap");
     let t0 = realtime_ns();
-    put(&p, "vm.pause", None);
+    p.put("vm.pause", None);
     let t1 = realtime_ns();
     let body = json!({ "destination_url": format!("file://{}", snap.display()) }).to_string();
-    put(&p, "vm.snapshot", Some(&body));
+    p.put("vm.snapshot", Some(&body));
     let files = std::fs::read_dir(&snap).expect("the snapshot").count();
     let mut sent = 0;
     let started = std::time::Instant::now();
@@ -454,7 +437,7 @@ fn role_a(test: &str, extra_cmdline: &str, clocksource: &str, policy: &str, peer
     // B's copy ends; A's guest goes on (a pause on A, not checked here: nested_linux_clock
     // does that).
     assert_eq!(ask(peer, "end"), "ended");
-    put(&p, "vm.resume", None);
+    p.put("vm.resume", None);
 
     // 2. Live migration A -> B, idle.
     rows.push(migrate_to_b(
@@ -469,21 +452,13 @@ fn role_a(test: &str, extra_cmdline: &str, clocksource: &str, policy: &str, peer
 
     // 3. Live migration B -> A while the guest writes memory: B's guest, now the only copy,
     // comes back to a receiver on A (the hosts' roles swapped: B's clock is the source's).
-    let mut back = Probe::spawn(&format!("{test}-back"), &[], 0);
-    let api = back.c.socket.clone();
-    let body = json!({ "receiver_url": format!("tcp:[::]:{MIGRATION}") }).to_string();
-    let rx = std::thread::spawn(move || {
-        vmm::api::client::api_request(&api, "PUT", "vm.receive-migration", Some(&body))
-            .map_err(|e| e.to_string())
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !tcp_state(MIGRATION, "0A") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "A's receiver never listened"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (mut back, rx) = Probe::receiving(
+        &format!("{test}-back"),
+        0,
+        &format!("tcp:[::]:{MIGRATION}"),
+        || tcp_state(MIGRATION, "0A"),
+    )
+    .unwrap();
     let text = ask(peer, &format!("send-back {MIGRATION}"));
     let sent: SentBack =
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("B's send-back: {text:?}: {e}"));

@@ -9,6 +9,7 @@
 use std::io::Write;
 use std::path::Path;
 use std::process::{ChildStdin, Stdio};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -137,12 +138,22 @@ pub fn without_kernel_lines(text: &str) -> String {
     out
 }
 
+/// The answer to an API request made in a thread (a receive, which answers when the migration
+/// ends): its status and body, or why there was none.
+pub type Answer = JoinHandle<Result<(u16, String), String>>;
+
 /// The guest's console: hourglass's stdin and stdout.
 pub struct Probe {
     pub c: Console,
     pub keys: ChildStdin,
-    /// Where in [`Probe::text`] the next answer is looked for.
+    /// Where in `clean` the next answer is looked for.
     pub at: usize,
+    /// The probe's output so far, its complete lines: stdout without the kernel's console
+    /// messages, which the guest's kernel prints whenever it likes, in the middle of the
+    /// probe's lines too (seen: "... 340182623481[  131.839135] hrtimer: interrupt took
+    /// 8759138 ns" in the middle of a step); and how much of stdout it covers.
+    clean: String,
+    cleaned: usize,
     /// The last mark's number (the guest counts them too, across restores).
     pub seq: u64,
 }
@@ -163,8 +174,42 @@ impl Probe {
             c,
             keys,
             at: 0,
+            clean: String::new(),
+            cleaned: 0,
             seq,
         }
+    }
+
+    /// A fresh `hourglass` that only serves, receiving a migration at `receiver_url` (in a
+    /// thread: its answer comes when the migration ends); returned once `listening()` holds,
+    /// or why not after a minute.
+    pub fn receiving(
+        tag: &str,
+        seq: u64,
+        receiver_url: &str,
+        listening: impl Fn() -> bool,
+    ) -> Result<(Probe, Answer), String> {
+        let p = Probe::spawn(tag, &[], seq);
+        let api = p.c.socket.clone();
+        let body = serde_json::json!({ "receiver_url": receiver_url }).to_string();
+        let rx = std::thread::spawn(move || {
+            vmm::api::client::api_request(&api, "PUT", "vm.receive-migration", Some(&body))
+                .map_err(|e| e.to_string())
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !listening() {
+            if std::time::Instant::now() > deadline {
+                return Err(format!("the receiver at {receiver_url} never listened"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok((p, rx))
+    }
+
+    /// PUT `path` (with `body`), which must answer 204.
+    pub fn put(&self, path: &str, body: Option<&str>) {
+        let (code, text) = self.c.api("PUT", path, body);
+        assert_eq!(code, 204, "{path}: {text}");
     }
 
     pub fn send(&mut self, what: &[u8]) {
@@ -173,34 +218,32 @@ impl Probe {
             .expect("write to hourglass's stdin");
     }
 
-    /// The probe's output so far: stdout without the kernel's console messages, which the
-    /// guest's kernel prints whenever it likes, in the middle of the probe's lines too (seen:
-    /// "... 340182623481[  131.839135] hrtimer: interrupt took 8759138 ns" in the middle of
-    /// a step). [`Probe::at`] counts in this text.
-    pub fn text(&self) -> String {
-        without_kernel_lines(&String::from_utf8_lossy(&self.c.seen))
+    /// Clean what stdout has added up to its last line's end: a kernel message ends at the
+    /// first line end after it, so cleaning line-wise is cleaning the whole.
+    fn refresh(&mut self) {
+        let new = &self.c.seen[self.cleaned..];
+        if let Some(nl) = new.iter().rposition(|&b| b == b'\n') {
+            let lines = String::from_utf8_lossy(&new[..=nl]);
+            self.clean.push_str(&without_kernel_lines(&lines));
+            self.cleaned += nl + 1;
+        }
     }
 
-    /// Wait until [`Probe::text`] after `from` holds `pattern`; the offset just past it.
+    /// Wait until `clean` after `from` holds `pattern`; the offset just past it.
     fn wait_text(&mut self, from: usize, pattern: &str) -> usize {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let text = self.text();
-            if let Some(i) = text.get(from..).and_then(|t| t.find(pattern)) {
+            self.refresh();
+            if let Some(i) = self.clean.get(from..).and_then(|t| t.find(pattern)) {
                 return from + i + pattern.len();
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.c.out.recv_timeout(left) {
                 Ok(chunk) => self.c.seen.extend_from_slice(&chunk),
                 Err(e) => {
-                    let tail: String = text
-                        .chars()
-                        .rev()
-                        .take(3000)
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                        .collect();
+                    let tail = &self.clean[self
+                        .clean
+                        .floor_char_boundary(self.clean.len().saturating_sub(3000))..];
                     panic!(
                         "{pattern:?} not on the console ({e:?}); the probe's output's tail:\n{tail}\n\
                          hourglass said:\n{}",
@@ -216,7 +259,7 @@ impl Probe {
         let start = self.wait_text(self.at, prefix);
         let end = self.wait_text(start, "\n");
         self.at = end;
-        self.text()[start..end].trim().to_owned()
+        self.clean[start..end].trim().to_owned()
     }
 
     pub fn mark(&mut self) -> Mark {
@@ -262,7 +305,7 @@ impl Probe {
         let start = self.at;
         self.send(b"P");
         let end = self.line("HG-STEPS-END ");
-        let text = self.text()[start..self.at].to_owned();
+        let text = self.clean[start..self.at].to_owned();
         let steps: Vec<(Sample, Sample)> = text
             .lines()
             .filter_map(|l| l.trim().strip_prefix("HG-STEP "))
@@ -419,6 +462,14 @@ impl Outcome {
             if o.master_clock { "kept" } else { "lost" },
         )
     }
+}
+
+/// A finished migration's downtime, ns, from the source's `vm.info` `migration`.
+pub fn downtime_ns(migration: &Value) -> i128 {
+    (migration["downtime_ms"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no downtime_ms: {migration}"))
+        * 1e6) as i128
 }
 
 pub fn ms(ns: i128) -> f64 {
@@ -726,8 +777,7 @@ pub fn boot_probe(
         "at boot: {back} of {reads} backwards, up to {worst}"
     );
     for path in ["vm.pause", "vm.resume"] {
-        let (code, body) = p.c.api("PUT", path, None);
-        assert_eq!(code, 204, "{path}: {body}");
+        p.put(path, None);
     }
     p
 }
