@@ -2,6 +2,9 @@
 //! machine, and both transports on loopback. No VM, no /dev/kvm.
 
 use std::io::Cursor;
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use vmm::migration::protocol::{
     MemoryFrameBuilder, MAX_MEMORY_PAYLOAD, MAX_ZERO_RUN, MEMORY_FRAME_TARGET, RUN_HEADER_LEN,
@@ -223,30 +226,15 @@ fn memory_builder_splits_frames_and_marks_zero_pages() {
     assert_eq!(b.zero_pages, zero);
     assert_eq!(b.data_pages, pages as u64 - zero);
 
-    let bytes = w.get_ref().clone();
-    let mut r = FrameReader::new(Cursor::new(&bytes));
-    let mut rebuilt = vec![0xffu8; data.len()];
-    while let Some(f) = r.next_frame().unwrap() {
-        assert!(f.payload.len() as u64 <= MAX_MEMORY_PAYLOAD);
-        let Message::Memory(runs) = Message::decode(&f).unwrap() else {
-            panic!("not a Memory frame");
-        };
-        for run in runs {
-            let off = (run.gpa - 0x40_0000) as usize;
-            let dst = &mut rebuilt[off..off + run.len as usize];
-            match run.data {
-                RunData::Bytes(b) => dst.copy_from_slice(b),
-                RunData::Zero => dst.fill(0),
-            }
-        }
-    }
+    let rebuilt = rebuild(w.get_ref(), 0x40_0000, data.len());
     assert!(rebuilt == data, "memory rebuilt from the frames differs");
 }
 
-/// Reading pages straight into the frame buffer and rewriting them in place gives exactly the
-/// frames `add` gives from a separate buffer, for every mix of zero and data pages.
+/// Pages taken from guest memory (checked where they are, sent from there) give exactly the
+/// frames `add` gives from a buffer, for every mix of zero and data pages, through the in-memory
+/// writer (which copies them out) and through a real socket (`writev` from guest memory).
 #[test]
-fn pages_read_into_the_frame_match_pages_added_from_a_buffer() {
+fn pages_from_guest_memory_match_pages_added_from_a_buffer() {
     let patterns: [&[bool]; 7] = [
         &[true; 8],
         &[false; 8],
@@ -256,6 +244,7 @@ fn pages_read_into_the_frame_match_pages_added_from_a_buffer() {
         &[true, true, true, false, true, true, true, true],
         &[false, true, true, true, true, true, true, false],
     ];
+    let base = 0x10_0000u64;
     for (k, zero) in patterns.iter().enumerate() {
         let mut data = vec![0u8; zero.len() * PAGE];
         for (i, p) in data.chunks_mut(PAGE).enumerate() {
@@ -264,40 +253,114 @@ fn pages_read_into_the_frame_match_pages_added_from_a_buffer() {
                 p[PAGE - 1] = 0xee;
             }
         }
+        let memory = Arc::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(base), 3 * data.len())]).unwrap(),
+        );
         let (mut wa, mut wb) = (writer(), writer());
-        let (mut a, mut b) = (MemoryFrameBuilder::new(), MemoryFrameBuilder::new());
+        let mut a = MemoryFrameBuilder::new();
+        let mut b = MemoryFrameBuilder::with_memory(memory.clone());
+        let (tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut ws = FrameWriter::new(Stream::Unix(tx));
+        let mut c = MemoryFrameBuilder::with_memory(memory.clone());
         for chunk in 0..3u64 {
-            let gpa = 0x10_0000 + chunk * (data.len() as u64);
+            let gpa = base + chunk * (data.len() as u64);
+            memory.write_slice(&data, GuestAddress(gpa)).unwrap();
             a.add(&mut wa, gpa, &data).unwrap();
-            b.add_read(&mut wb, gpa, zero.len(), |buf: &mut [u8]| {
-                buf.copy_from_slice(&data);
-                Ok::<(), ProtocolError>(())
-            })
-            .unwrap();
+            b.add_guest(&mut wb, gpa, zero.len()).unwrap();
+            c.add_guest(&mut ws, gpa, zero.len()).unwrap();
         }
         a.flush(&mut wa).unwrap();
         b.flush(&mut wb).unwrap();
+        c.flush(&mut ws).unwrap();
+        drop(ws);
+        let mut from_socket = Vec::new();
+        std::io::Read::read_to_end(&mut &rx, &mut from_socket).unwrap();
         assert_eq!(wa.get_ref(), wb.get_ref(), "pattern {k}");
+        assert_eq!(wa.get_ref(), &from_socket, "pattern {k} through a socket");
         assert_eq!((a.data_pages, a.zero_pages), (b.data_pages, b.zero_pages));
     }
-    // A failed read leaves nothing behind; an oversized or unaligned run is refused.
-    let mut w = writer();
-    let mut b = MemoryFrameBuilder::new();
-    let e = b.add_read(&mut w, 0, 2, |_: &mut [u8]| {
-        Err(ProtocolError::Oversized {
-            kind: FrameKind::Memory,
-            length: 0,
-            max: 0,
-        })
+    // Far more than a socket holds, read as it comes: the writes stop part way through a page
+    // (or a run header) and carry on from there.
+    let pages = 3 * MEMORY_FRAME_TARGET / PAGE + 11;
+    let mut data = vec![0u8; pages * PAGE];
+    for (i, p) in data.chunks_mut(PAGE).enumerate() {
+        if i % 5 != 2 {
+            p.fill((i % 253) as u8 + 1);
+            p[i % PAGE] = 0x5a;
+        }
+    }
+    let memory =
+        Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(base), data.len())]).unwrap());
+    memory.write_slice(&data, GuestAddress(base)).unwrap();
+    let mut wa = writer();
+    let mut a = MemoryFrameBuilder::new();
+    a.add(&mut wa, base, &data).unwrap();
+    a.flush(&mut wa).unwrap();
+    let (tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut &rx, &mut got).unwrap();
+        got
     });
-    assert!(e.is_err());
+    let mut ws = FrameWriter::new(Stream::Unix(tx));
+    let mut c = MemoryFrameBuilder::with_memory(memory);
+    let mut at = 0;
+    while at < pages {
+        let n = (pages - at).min(300);
+        c.add_guest(&mut ws, base + (at * PAGE) as u64, n).unwrap();
+        at += n;
+    }
+    c.flush(&mut ws).unwrap();
+    drop(ws);
+    let got = reader.join().unwrap();
+    // Frames are cut in other places than `add` cuts them: compare the memory they rebuild.
+    assert_eq!(rebuild(&got, base, data.len()), data, "through a socket");
+    assert_eq!(rebuild(wa.get_ref(), base, data.len()), data);
+    assert_eq!((a.data_pages, a.zero_pages), (c.data_pages, c.zero_pages));
+
+    // Outside guest memory, unaligned, oversized, or with no memory given: refused, nothing
+    // left behind.
+    let memory =
+        Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(base), 4 * PAGE)]).unwrap());
+    let mut w = writer();
+    let mut b = MemoryFrameBuilder::with_memory(memory);
+    assert!(
+        b.add_guest(&mut w, base + 3 * PAGE_SIZE, 2).is_err(),
+        "past the end"
+    );
+    assert!(b.add_guest(&mut w, 0, 1).is_err(), "outside");
+    assert!(b.add_guest(&mut w, base + 1, 1).is_err(), "unaligned");
+    assert!(b
+        .add_guest(&mut w, base, MEMORY_FRAME_TARGET / PAGE + 1)
+        .is_err());
     b.flush(&mut w).unwrap();
     assert_eq!(w.frames(), 0);
-    let ok = |_: &mut [u8]| Ok::<(), ProtocolError>(());
-    assert!(b.add_read(&mut w, 1, 1, ok).is_err());
-    assert!(b
-        .add_read(&mut w, 0, MEMORY_FRAME_TARGET / PAGE + 1, ok)
-        .is_err());
+    let e = MemoryFrameBuilder::new()
+        .add_guest(&mut w, base, 1)
+        .unwrap_err();
+    assert!(e.to_string().contains("no guest memory"), "{e}");
+}
+
+/// The memory `[base, base + len)` as the `Memory` frames in `bytes` write it (0xff where
+/// they write nothing).
+fn rebuild(bytes: &[u8], base: u64, len: usize) -> Vec<u8> {
+    let mut r = FrameReader::new(Cursor::new(bytes));
+    let mut out = vec![0xffu8; len];
+    while let Some(f) = r.next_frame().unwrap() {
+        assert!(f.payload.len() as u64 <= MAX_MEMORY_PAYLOAD);
+        let Message::Memory(runs) = Message::decode(&f).unwrap() else {
+            panic!("not a Memory frame");
+        };
+        for run in runs {
+            let off = (run.gpa - base) as usize;
+            let dst = &mut out[off..off + run.len as usize];
+            match run.data {
+                RunData::Bytes(b) => dst.copy_from_slice(b),
+                RunData::Zero => dst.fill(0),
+            }
+        }
+    }
+    out
 }
 
 /// Pages known zero without reading them become zero runs of at most `MAX_ZERO_RUN` bytes,
@@ -857,4 +920,82 @@ fn config_frames_are_decoded_with_errors_naming_the_field() {
     assert!(e.starts_with("config: config.json: cpus:"), "{e}");
     let e = decode_config_frame(b"not json").unwrap_err();
     assert!(!e.is_empty());
+}
+
+/// The memory stage reads ahead on a second thread. A frame refused in the middle of a stream
+/// that goes on must end the receiver with that frame's error (not a hang waiting for the
+/// reading thread, not a later frame's error), leave the frames after it unwritten, and tell the
+/// source why, also a source that waits for that answer without sending `State`.
+#[test]
+fn a_refused_frame_mid_stream_ends_the_read_ahead_receiver() {
+    let (src, dst) = std::os::unix::net::UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        let mut r = FrameReader::new(dst.try_clone().unwrap());
+        let mut w = FrameWriter::new(dst);
+        let mut rx = Receiver::new(FakeDest::default());
+        let res = receive(&mut r, &mut w, &mut rx);
+        (res, rx.into_destination())
+    });
+    let mut r = FrameReader::new(src.try_clone().unwrap());
+    let mut w = FrameWriter::new(src);
+    w.start().unwrap();
+    expect_ack(&mut r, FrameKind::Start).unwrap();
+    w.send(FrameKind::Config, b"{}").unwrap();
+    expect_ack(&mut r, FrameKind::Config).unwrap();
+    // Frame i writes page i of the low range with byte i + 1; frame 3 is outside RAM; the
+    // stream goes on with 200 frames of 8 KiB (more than the socket holds, so the source is
+    // still writing when the receiver gives up).
+    let mut sent = 0;
+    let mut write_failed = false;
+    for i in 0..203u64 {
+        let payload = match i {
+            0..=2 => run(i * PAGE_SIZE, PAGE as u32, 0, &[i as u8 + 1; PAGE]),
+            3 => run(LOW.len, PAGE as u32, RUN_ZERO, &[]),
+            // Page 15 would be written, pages 0..=2 zeroed, if a frame after the refused one
+            // were handled.
+            _ => {
+                let mut p = run(15 * PAGE_SIZE, PAGE as u32, 0, &[0xab; PAGE]);
+                for k in 0..255 {
+                    p.extend(run((k % 16) * PAGE_SIZE, PAGE as u32, RUN_ZERO, &[]));
+                }
+                p
+            }
+        };
+        if w.send(FrameKind::Memory, &payload).is_err() {
+            write_failed = true;
+            break;
+        }
+        sent += 1;
+    }
+    // No State: a source that waits for the answer here must get it (a receiver that read on
+    // after the refusal would wait for frames that never come).
+    r.get_ref()
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let answer = r
+        .next_frame()
+        .expect("an answer within 20 s")
+        .expect("an Error frame");
+    let (res, dest) = server.join().unwrap();
+    let e = res.unwrap_err();
+    assert!(
+        matches!(e, ProtocolError::OutsideRam { gpa, .. } if gpa == LOW.len),
+        "{e}"
+    );
+    for i in 0..3 {
+        let page = &dest.low[i * PAGE..(i + 1) * PAGE];
+        assert!(page.iter().all(|b| *b == i as u8 + 1), "page {i}");
+    }
+    assert!(
+        dest.low[15 * PAGE..].iter().all(|b| *b == 0xee),
+        "a frame after the refused one was written"
+    );
+    assert!(dest.state.is_none());
+    // The source hears why.
+    assert_eq!(
+        Message::decode(&answer).unwrap(),
+        Message::Error(e.to_string())
+    );
+    // Printed so a run shows how far the source got before the receiver's end reached it.
+    println!("source wrote {sent} memory frames; a later write failed: {write_failed}");
 }

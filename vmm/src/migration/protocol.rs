@@ -27,6 +27,9 @@
 //! here panics on any input.
 
 use std::io::{ErrorKind, Read, Write};
+use std::sync::Arc;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use super::ProtocolError;
 
@@ -48,6 +51,9 @@ pub const MAX_MEMORY_PAYLOAD: u64 = 16 << 20;
 pub const MAX_ZERO_RUN: u64 = 1 << 31;
 /// Payload size at which [`MemoryFrameBuilder`] starts a new frame.
 pub const MEMORY_FRAME_TARGET: usize = 4 << 20;
+/// Guest memory in a frame at which [`MemoryFrameBuilder::add_guest`] sends it: the pages it
+/// has just looked at are still in the CPU's cache when the socket reads them.
+pub const GUEST_FRAME_TARGET: usize = 512 << 10;
 /// Largest `Config` payload accepted.
 pub const MAX_CONFIG_PAYLOAD: u64 = 1 << 20;
 /// Largest `State` payload accepted.
@@ -396,11 +402,15 @@ pub struct FrameReader<R> {
     inner: R,
     frames: u64,
     bytes: u64,
-    /// A payload buffer handed back by [`FrameReader::recycle`], reused for the next frame
+    /// Payload buffers handed back by [`FrameReader::recycle`], reused for the next frames
     /// (a receiver reads thousands of 4 MiB memory frames; a fresh buffer each would be
-    /// allocated and cleared each time).
-    spare: Vec<u8>,
+    /// allocated and cleared each time). At most [`SPARE_BUFFERS`]: a receiver that reads
+    /// ahead has that many frames in flight.
+    spare: Vec<Vec<u8>>,
 }
+
+/// Payload buffers a [`FrameReader`] keeps for reuse.
+pub const SPARE_BUFFERS: usize = 4;
 
 /// Read exactly `buf.len()` bytes; `Ok(n)` with `n < buf.len()` at end of stream.
 fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -429,8 +439,8 @@ impl<R: Read> FrameReader<R> {
 
     /// Hand a frame's payload buffer back for the next frame to reuse.
     pub fn recycle(&mut self, frame: Frame) {
-        if frame.payload.capacity() > self.spare.capacity() {
-            self.spare = frame.payload;
+        if self.spare.len() < SPARE_BUFFERS && frame.payload.capacity() > 0 {
+            self.spare.push(frame.payload);
         }
     }
 
@@ -474,7 +484,7 @@ impl<R: Read> FrameReader<R> {
         let header = Header::decode(&h)?;
         // The length is bounded by the kind's limit (at most 16 MiB), so this fits memory.
         // A recycled buffer is cleared only where it grows.
-        let mut payload = std::mem::take(&mut self.spare);
+        let mut payload = self.spare.pop().unwrap_or_default();
         payload.resize(header.length as usize, 0);
         let got = read_full(&mut self.inner, &mut payload).map_err(|source| ProtocolError::Io {
             what: "read a frame payload",
@@ -601,11 +611,94 @@ impl<W: Write> FrameWriter<W> {
     }
 }
 
+/// One part of a frame on its way out: bytes, or guest memory where it is mapped.
+#[derive(Debug)]
+pub enum Part<'a> {
+    /// Bytes of the frame (the header, run headers, pages given as a buffer).
+    Bytes(&'a [u8]),
+    /// Guest pages, read by the stream where they are mapped (never copied by the VMM first).
+    Guest(VolatileSlice<'a>),
+}
+
+impl Part<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Bytes(b) => b.len(),
+            Self::Guest(s) => s.len(),
+        }
+    }
+}
+
+/// A stream a frame can be written to from its [`Part`]s.
+pub trait GatherWrite: Write {
+    /// Write every part, in order. This default copies guest memory out first (for the
+    /// in-memory writers of tests and the fuzzer); [`super::Stream`] hands the parts to
+    /// `writev(2)`, so the socket reads guest pages where they are.
+    fn write_parts(&mut self, parts: &[Part<'_>]) -> std::io::Result<()> {
+        for p in parts {
+            match p {
+                Part::Bytes(b) => self.write_all(b)?,
+                Part::Guest(s) => {
+                    let mut copy = vec![0u8; s.len()];
+                    s.copy_to(&mut copy[..]);
+                    self.write_all(&copy)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl GatherWrite for Vec<u8> {}
+
+impl<W: GatherWrite> FrameWriter<W> {
+    /// Write one frame whose payload is `parts`, back to back. Refuses a payload over the kind's
+    /// limit (nothing is written then).
+    pub fn send_parts(&mut self, kind: FrameKind, parts: &[Part<'_>]) -> Result<(), ProtocolError> {
+        let length = parts.iter().map(|p| p.len() as u64).sum();
+        let max = kind.max_payload();
+        if length > max {
+            return Err(ProtocolError::Oversized { kind, length, max });
+        }
+        let h = Header {
+            version: VERSION,
+            kind,
+            length,
+        }
+        .encode();
+        let mut all = Vec::with_capacity(parts.len() + 1);
+        all.push(Part::Bytes(&h));
+        all.extend(parts.iter().map(|p| match p {
+            Part::Bytes(b) => Part::Bytes(b),
+            Part::Guest(s) => Part::Guest(*s),
+        }));
+        let t = std::time::Instant::now();
+        let r = self.inner.write_parts(&all);
+        self.write_time += t.elapsed();
+        r.map_err(|source| ProtocolError::Io {
+            what: "write a frame",
+            source,
+        })?;
+        self.frames += 1;
+        self.bytes += HEADER_LEN as u64 + length;
+        Ok(())
+    }
+}
+
 /// Builds `Memory` frames from runs, sending a frame whenever the payload reaches
-/// [`MEMORY_FRAME_TARGET`].
+/// [`MEMORY_FRAME_TARGET`]. Pages taken from guest memory ([`Self::add_guest`]) are checked for
+/// zero where they are and sent from there: the frame holds only their address until it is
+/// written.
 #[derive(Debug, Default)]
 pub struct MemoryFrameBuilder {
+    /// The payload's own bytes: run headers, and pages added as a buffer.
     buf: Vec<u8>,
+    /// Guest pages of the payload: `(at, gpa, len)`, the pages going in after `buf[..at]`.
+    guest: Vec<(usize, u64, usize)>,
+    /// Bytes in `guest`.
+    guest_bytes: usize,
+    /// Where [`Self::add_guest`] pages come from.
+    memory: Option<Arc<GuestMemoryMmap>>,
     /// Pages added with content.
     pub data_pages: u64,
     /// Pages added as zero runs.
@@ -618,6 +711,18 @@ impl MemoryFrameBuilder {
         Self::default()
     }
 
+    /// An empty builder that can take pages from `memory` ([`Self::add_guest`]).
+    pub fn with_memory(memory: Arc<GuestMemoryMmap>) -> Self {
+        Self {
+            memory: Some(memory),
+            ..Self::default()
+        }
+    }
+
+    fn payload_len(&self) -> usize {
+        self.buf.len() + self.guest_bytes
+    }
+
     fn header(&mut self, gpa: u64, len: u32, flags: u32) {
         self.buf.extend_from_slice(&gpa.to_le_bytes());
         self.buf.extend_from_slice(&len.to_le_bytes());
@@ -626,7 +731,7 @@ impl MemoryFrameBuilder {
 
     /// Add a run of pages at `gpa` (page aligned, `data.len()` a multiple of the page size);
     /// all-zero pages become zero runs. Sends frames to `w` as the buffer fills.
-    pub fn add<W: Write>(
+    pub fn add<W: GatherWrite>(
         &mut self,
         w: &mut FrameWriter<W>,
         gpa: u64,
@@ -660,8 +765,8 @@ impl MemoryFrameBuilder {
                 self.header(run_gpa, len, RUN_ZERO);
                 self.zero_pages += (j - i) as u64;
             } else {
-                if self.buf.len() + RUN_HEADER_LEN + len as usize > MEMORY_FRAME_TARGET
-                    && !self.buf.is_empty()
+                if self.payload_len() + RUN_HEADER_LEN + len as usize > MEMORY_FRAME_TARGET
+                    && self.payload_len() > 0
                 {
                     self.flush(w)?;
                 }
@@ -669,7 +774,7 @@ impl MemoryFrameBuilder {
                 self.buf.extend_from_slice(&data[i * page..j * page]);
                 self.data_pages += (j - i) as u64;
             }
-            if self.buf.len() >= MEMORY_FRAME_TARGET {
+            if self.payload_len() >= MEMORY_FRAME_TARGET {
                 self.flush(w)?;
             }
             i = j;
@@ -677,75 +782,75 @@ impl MemoryFrameBuilder {
         Ok(())
     }
 
-    /// Add `pages` pages at `gpa` (page aligned), which `read` copies straight into the frame
-    /// buffer (the only copy of guest memory on the source): the same runs as [`Self::add`]
-    /// produces, all-zero pages becoming zero runs, rewritten in place. At most
+    /// Add `pages` pages of guest memory at `gpa` (page aligned, inside one RAM region): the
+    /// same runs as [`Self::add`] gives for those bytes, all-zero pages becoming zero runs. Each
+    /// page is looked at where it is (copied a page at a time into a buffer that stays in the
+    /// CPU's cache, and checked there); a data run goes into the frame as its address, and the
+    /// stream reads it from guest memory when the frame is written. At most
     /// [`MEMORY_FRAME_TARGET`] bytes at once. Sends frames to `w` as the buffer fills.
-    pub fn add_read<W: Write, E: From<ProtocolError>>(
+    ///
+    /// The guest may write a page between the look and the send: a migration runs with dirty
+    /// logging on, and such a page is sent again.
+    pub fn add_guest<W: GatherWrite>(
         &mut self,
         w: &mut FrameWriter<W>,
         gpa: u64,
         pages: usize,
-        read: impl FnOnce(&mut [u8]) -> Result<(), E>,
-    ) -> Result<(), E> {
+    ) -> Result<(), ProtocolError> {
         let page = PAGE_SIZE as usize;
         let len = pages * page;
+        let refuse = |why: String| bad(FrameKind::Memory, "run", why);
         if !gpa.is_multiple_of(PAGE_SIZE) || pages == 0 || len > MEMORY_FRAME_TARGET {
-            return Err(bad(
-                FrameKind::Memory,
-                "run",
-                format!("{gpa:#x}+{pages} pages is not a run of aligned pages that fits a frame"),
-            )
-            .into());
+            return Err(refuse(format!(
+                "{gpa:#x}+{pages} pages is not a run of aligned pages that fits a frame"
+            )));
         }
-        if self.buf.len() + RUN_HEADER_LEN + len > MEMORY_FRAME_TARGET && !self.buf.is_empty() {
+        let memory = self
+            .memory
+            .clone()
+            .ok_or_else(|| refuse("this builder was given no guest memory".into()))?;
+        let slice = memory
+            .get_slice(GuestAddress(gpa), len)
+            .map_err(|e| refuse(format!("{gpa:#x}+{len:#x}: {e}")))?;
+        if self.payload_len() + RUN_HEADER_LEN + len > MEMORY_FRAME_TARGET && self.payload_len() > 0
+        {
             self.flush(w)?;
         }
-        let start = self.buf.len();
-        let data_at = start + RUN_HEADER_LEN;
-        self.buf.resize(data_at + len, 0);
-        if let Err(e) = read(&mut self.buf[data_at..]) {
-            self.buf.truncate(start);
-            return Err(e);
-        }
-        let zero: Vec<bool> = self.buf[data_at..]
-            .chunks_exact(page)
-            .map(is_zero)
-            .collect();
-        // Runs are written from `start` on; a run's bytes move down over the zero pages before
-        // it. The write position never passes the first page not yet rewritten: a data run
-        // adds a header, but the zero run after it frees at least a page.
-        let mut out = start;
+        let mut look = [0u8; PAGE_SIZE as usize];
+        let mut zero_at = |i: usize| -> Result<bool, ProtocolError> {
+            let p = slice
+                .subslice(i * page, page)
+                .map_err(|e| refuse(format!("{gpa:#x} page {i}: {e}")))?;
+            p.copy_to(&mut look[..]);
+            Ok(is_zero(&look))
+        };
         let mut i = 0;
+        let mut zero = zero_at(0)?;
         while i < pages {
             let mut j = i + 1;
-            while j < pages && zero[j] == zero[i] {
+            let mut next = false;
+            while j < pages {
+                next = zero_at(j)?;
+                if next != zero {
+                    break;
+                }
                 j += 1;
             }
             let run_gpa = gpa + (i * page) as u64;
             let n = (j - i) * page;
-            let mut h = [0u8; RUN_HEADER_LEN];
-            h[0..8].copy_from_slice(&run_gpa.to_le_bytes());
-            h[8..12].copy_from_slice(&(n as u32).to_le_bytes());
-            if zero[i] {
-                h[12..16].copy_from_slice(&RUN_ZERO.to_le_bytes());
-                self.buf[out..out + RUN_HEADER_LEN].copy_from_slice(&h);
-                out += RUN_HEADER_LEN;
+            if zero {
+                self.header(run_gpa, n as u32, RUN_ZERO);
                 self.zero_pages += (j - i) as u64;
             } else {
-                self.buf[out..out + RUN_HEADER_LEN].copy_from_slice(&h);
-                out += RUN_HEADER_LEN;
-                let src = data_at + i * page;
-                if src != out {
-                    self.buf.copy_within(src..src + n, out);
-                }
-                out += n;
+                self.header(run_gpa, n as u32, 0);
+                self.guest.push((self.buf.len(), run_gpa, n));
+                self.guest_bytes += n;
                 self.data_pages += (j - i) as u64;
             }
             i = j;
+            zero = next;
         }
-        self.buf.truncate(out);
-        if self.buf.len() >= MEMORY_FRAME_TARGET {
+        if self.payload_len() >= MEMORY_FRAME_TARGET || self.guest_bytes >= GUEST_FRAME_TARGET {
             self.flush(w)?;
         }
         Ok(())
@@ -753,7 +858,7 @@ impl MemoryFrameBuilder {
 
     /// Add `pages` pages at `gpa` (page aligned) known to be zero without reading them, as
     /// zero runs (each at most [`MAX_ZERO_RUN`] bytes). Sends frames to `w` as the buffer fills.
-    pub fn add_zero<W: Write>(
+    pub fn add_zero<W: GatherWrite>(
         &mut self,
         w: &mut FrameWriter<W>,
         gpa: u64,
@@ -780,13 +885,34 @@ impl MemoryFrameBuilder {
     }
 
     /// Send what is buffered as one `Memory` frame (nothing when empty).
-    pub fn flush<W: Write>(&mut self, w: &mut FrameWriter<W>) -> Result<(), ProtocolError> {
-        if self.buf.is_empty() {
+    pub fn flush<W: GatherWrite>(&mut self, w: &mut FrameWriter<W>) -> Result<(), ProtocolError> {
+        if self.payload_len() == 0 {
             return Ok(());
         }
-        w.send(FrameKind::Memory, &self.buf)?;
+        let r = self.send(w);
         self.buf.clear();
-        Ok(())
+        self.guest.clear();
+        self.guest_bytes = 0;
+        r
+    }
+
+    fn send<W: GatherWrite>(&self, w: &mut FrameWriter<W>) -> Result<(), ProtocolError> {
+        let Some(memory) = self.memory.as_deref().filter(|_| !self.guest.is_empty()) else {
+            return w.send_parts(FrameKind::Memory, &[Part::Bytes(&self.buf)]);
+        };
+        let mut parts = Vec::with_capacity(2 * self.guest.len() + 1);
+        let mut from = 0;
+        for &(at, gpa, len) in &self.guest {
+            parts.push(Part::Bytes(&self.buf[from..at]));
+            // Looked up when added; the mapping lives as long as `memory`.
+            let s = memory
+                .get_slice(GuestAddress(gpa), len)
+                .map_err(|e| bad(FrameKind::Memory, "run", format!("{gpa:#x}+{len:#x}: {e}")))?;
+            parts.push(Part::Guest(s));
+            from = at;
+        }
+        parts.push(Part::Bytes(&self.buf[from..]));
+        w.send_parts(FrameKind::Memory, &parts)
     }
 }
 

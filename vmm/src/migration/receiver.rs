@@ -5,6 +5,7 @@
 //! [`Destination`] trait, so the machine can be driven by arbitrary bytes in tests and fuzzing.
 
 use std::io::{Read, Write};
+use std::sync::mpsc;
 
 use super::protocol::{Frame, FrameKind, FrameReader, FrameWriter, Message, RunData};
 use super::ProtocolError;
@@ -245,7 +246,7 @@ fn kind_of(m: &Message<'_>) -> FrameKind {
 /// Run the destination's side over a stream until the VM runs here ([`Stage::Done`]) or the
 /// conversation fails. Every accepted frame that needs one is acknowledged on `writer`; a
 /// failure is reported to the source in an `Error` frame (best effort) and returned.
-pub fn receive<R: Read, W: Write, D: Destination>(
+pub fn receive<R: Read + Send, W: Write, D: Destination>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
     rx: &mut Receiver<D>,
@@ -262,23 +263,86 @@ pub fn receive<R: Read, W: Write, D: Destination>(
     r
 }
 
-fn receive_inner<R: Read, W: Write, D: Destination>(
+fn receive_inner<R: Read + Send, W: Write, D: Destination>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
     rx: &mut Receiver<D>,
 ) -> Result<(), ProtocolError> {
     while rx.stage() != Stage::Done {
-        let frame = reader.next_frame()?.ok_or_else(|| ProtocolError::Closed {
-            stage: rx.stage().waiting_for(),
-        })?;
-        let ack = rx.handle_frame(&frame)?;
-        reader.recycle(frame);
-        if let Some(kind) = ack {
-            writer.ack(kind)?;
-            writer.flush()?;
+        if rx.stage() == Stage::Memory {
+            memory_stage(reader, writer, rx)?;
+            continue;
         }
+        let frame = reader.next_frame()?;
+        let frame = handle_next(frame, writer, rx)?;
+        reader.recycle(frame);
     }
     Ok(())
+}
+
+/// Handle the frame read (`None`: the stream ended) and send its acknowledgement, if it has
+/// one. Returns the frame, for its buffer to be reused.
+fn handle_next<W: Write, D: Destination>(
+    frame: Option<Frame>,
+    writer: &mut FrameWriter<W>,
+    rx: &mut Receiver<D>,
+) -> Result<Frame, ProtocolError> {
+    let frame = frame.ok_or_else(|| ProtocolError::Closed {
+        stage: rx.stage().waiting_for(),
+    })?;
+    if let Some(kind) = rx.handle_frame(&frame)? {
+        writer.ack(kind)?;
+        writer.flush()?;
+    }
+    Ok(frame)
+}
+
+/// Memory frames read ahead of the one being written into guest RAM.
+const READ_AHEAD: usize = 2;
+
+/// The memory stage, with the stream read on a second thread: while this one writes a frame's
+/// pages into guest RAM, the next frames are read, so the source goes on sending. (Read and
+/// written by one thread, the socket filled up during every write into guest RAM and the source
+/// waited: the two sides took turns.)
+///
+/// The reading thread stops after handing over the first frame that is not `Memory` (`State`
+/// ends the stage, anything else fails it), at the end of the stream, on a read error, or when
+/// this side has failed (nobody takes its next frame). The source never waits for an answer in
+/// this stage, so that next frame comes, and a failure here returns once it has.
+fn memory_stage<R: Read + Send, W: Write, D: Destination>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    rx: &mut Receiver<D>,
+) -> Result<(), ProtocolError> {
+    let (read_tx, read_rx) = mpsc::sync_channel(READ_AHEAD);
+    let (spent_tx, spent_rx) = mpsc::channel::<Frame>();
+    std::thread::scope(|s| {
+        s.spawn(move || loop {
+            while let Ok(f) = spent_rx.try_recv() {
+                reader.recycle(f);
+            }
+            let next = reader.next_frame();
+            let more = matches!(&next, Ok(Some(f)) if f.kind == FrameKind::Memory);
+            if read_tx.send(next).is_err() || !more {
+                break;
+            }
+        });
+        let r = (|| loop {
+            // The reading thread sends before it ends: a closed channel means it panicked.
+            let next = read_rx.recv().map_err(|_| ProtocolError::Io {
+                what: "read a frame",
+                source: std::io::Error::other("the reading thread ended"),
+            })??;
+            let frame = handle_next(next, writer, rx)?;
+            let _ = spent_tx.send(frame);
+            if rx.stage() != Stage::Memory {
+                return Ok(());
+            }
+        })();
+        // Frees the reading thread if it waits to hand over a frame.
+        drop(read_rx);
+        r
+    })
 }
 
 /// The source's wait for the destination's answer to `kind`: its `Ack`, or its `Error`

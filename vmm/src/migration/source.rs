@@ -8,10 +8,7 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use serde::Serialize;
-use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress,
-};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::protocol::{FrameKind, FrameReader, FrameWriter, MemoryFrameBuilder, PAGE_SIZE};
 use super::{expect_ack, Endpoint, MigrationError, ProtocolError, Stream};
@@ -23,7 +20,7 @@ pub const MAX_ITERATIONS: u32 = 5;
 /// Longest wait for one answer of the destination (bounded by the migration's timeout).
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pages read from guest memory at once.
-const CHUNK_PAGES: usize = 256;
+const CHUNK_PAGES: usize = 128;
 
 /// What `vm.info` shows of a migration (the latest one, running or finished).
 #[derive(Clone, Debug, Default, Serialize)]
@@ -110,7 +107,6 @@ struct Sender<'a> {
     reader: FrameReader<Stream>,
     writer: FrameWriter<Stream>,
     builder: MemoryFrameBuilder,
-    memory: Arc<GuestMemoryMmap>,
     progress: &'a SharedProgress,
     /// Pages of the first pass sent as zero without reading them.
     unread_pages: u64,
@@ -134,13 +130,10 @@ impl Sender<'_> {
         while done < pages {
             let n = (pages - done).min(CHUNK_PAGES);
             let at = gpa + (done as u64) * PAGE_SIZE;
-            let memory = &self.memory;
-            // Guest memory is copied once, straight into the frame, and zero-checked there.
-            self.builder.add_read(&mut self.writer, at, n, |buf| {
-                memory.read_slice(buf, GuestAddress(at)).map_err(|e| {
-                    MigrationError::Memory(format!("read guest memory at {at:#x}: {e}"))
-                })
-            })?;
+            // Checked for zero where it is, and sent from there (see `add_guest`).
+            self.builder
+                .add_guest(&mut self.writer, at, n)
+                .map_err(|e| MigrationError::Memory(format!("guest memory at {at:#x}: {e}")))?;
             done += n;
         }
         Ok(())
@@ -420,8 +413,7 @@ fn run(
     let mut tx = Sender {
         reader: FrameReader::new(stream.try_clone().map_err(io)?),
         writer: FrameWriter::new(stream),
-        builder: MemoryFrameBuilder::new(),
-        memory,
+        builder: MemoryFrameBuilder::with_memory(memory),
         progress,
         unread_pages: 0,
         vm,

@@ -342,6 +342,8 @@ fn socket_rules() -> KindRules {
         SYS_accept4,
         SYS_read,
         SYS_readv,
+        // Memory frames: guest pages gathered straight into the socket.
+        SYS_writev,
         SYS_recvfrom,
         SYS_recvmsg,
         SYS_sendto,
