@@ -763,7 +763,7 @@ pub fn boot_probe(
     let cmdline = format!("console=ttyS0 panic=0 {extra_cmdline}");
     let args = [
         vec!["--cpus".into(), "boot=2".into()],
-        linux_args(kernel, &archive, cmdline.trim_end()),
+        linux_args(kernel, &archive, cmdline.trim_end(), 256),
         vec!["--clock-policy".into(), policy.into()],
     ]
     .concat();

@@ -334,13 +334,13 @@ pub fn debian_kernel(name: &str) -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
-/// `hourglass`'s arguments for a Linux guest of 256 MiB booting `kernel` with `initramfs` and
+/// `hourglass`'s arguments for a Linux guest of `mib` MiB booting `kernel` with `initramfs` and
 /// `cmdline` (the vCPU count is the caller's).
-pub fn linux_args(kernel: &Path, initramfs: &Path, cmdline: &str) -> Vec<String> {
+pub fn linux_args(kernel: &Path, initramfs: &Path, cmdline: &str, mib: u32) -> Vec<String> {
     let path = |p: &Path| p.to_str().expect("utf-8 path").to_owned();
     vec![
         "--memory".into(),
-        "size=256M".into(),
+        format!("size={mib}M"),
         "--kernel".into(),
         path(kernel),
         "--initramfs".into(),
