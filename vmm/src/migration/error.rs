@@ -39,9 +39,6 @@ pub enum MigrationError {
     /// A hypervisor call of the migration failed.
     #[error("{0}")]
     Hypervisor(String),
-    /// Guest memory could not be read or written.
-    #[error("{0}")]
-    Memory(String),
     /// The state could not be encoded.
     #[error("cannot encode the VM state: {0}")]
     Encode(String),

@@ -130,10 +130,10 @@ impl Sender<'_> {
         while done < pages {
             let n = (pages - done).min(CHUNK_PAGES);
             let at = gpa + (done as u64) * PAGE_SIZE;
-            // Checked for zero where it is, and sent from there (see `add_guest`).
-            self.builder
-                .add_guest(&mut self.writer, at, n)
-                .map_err(|e| MigrationError::Memory(format!("guest memory at {at:#x}: {e}")))?;
+            // Checked for zero where it is, and sent from there (see `add_guest`). A failed
+            // write stays a protocol I/O error: then the destination's Error frame is read
+            // for the reason (see `run`).
+            self.builder.add_guest(&mut self.writer, at, n)?;
             done += n;
         }
         Ok(())
