@@ -21,8 +21,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm::api::SendMigrationConfig;
 use vmm::config::{CpusConfig, MemoryConfig, VmConfig};
 use vmm::migration::{
-    decode_config_frame, receive, Destination, Endpoint, FillStats, FrameReader, FrameWriter,
-    Listener, RamRange, Receiver, RunData, VmDestination,
+    decode_config_frame, receive_reading_ahead, Destination, Endpoint, FillStats, FrameReader,
+    FrameWriter, Listener, RamRange, Receiver, RunData, VmDestination,
 };
 use vmm::Vmm;
 
@@ -105,7 +105,7 @@ fn record_on(path: &std::path::Path) -> JoinHandle<Recorder> {
         let mut reader = FrameReader::new(stream.try_clone().expect("clone"));
         let mut writer = FrameWriter::new(stream);
         let mut rx = Receiver::new(Recorder::default());
-        receive(&mut reader, &mut writer, &mut rx).expect("receive");
+        receive_reading_ahead(&mut reader, &mut writer, &mut rx).expect("receive");
         std::mem::take(rx.destination_mut())
     })
 }
@@ -159,7 +159,7 @@ fn migrate_into_destination(
             mem: None,
             fill: FillStats::default(),
         });
-        receive(&mut reader, &mut writer, &mut rx).expect("receive");
+        receive_reading_ahead(&mut reader, &mut writer, &mut rx).expect("receive");
         let r = rx.into_destination();
         (r.mem.expect("RAM as received at State"), r.fill)
     });

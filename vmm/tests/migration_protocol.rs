@@ -11,9 +11,9 @@ use vmm::migration::protocol::{
     RUN_ZERO,
 };
 use vmm::migration::{
-    expect_ack, receive, Destination, Endpoint, Frame, FrameKind, FrameReader, FrameWriter,
-    Listener, Message, ProtocolError, RamRange, Receiver, RunData, Stage, Stream, HEADER_LEN,
-    MAGIC, PAGE_SIZE, VERSION,
+    expect_ack, receive, receive_reading_ahead, Destination, Endpoint, Frame, FrameKind,
+    FrameReader, FrameWriter, Listener, Message, ProtocolError, RamRange, Receiver, RunData, Stage,
+    Stream, HEADER_LEN, MAGIC, PAGE_SIZE, VERSION,
 };
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -806,7 +806,7 @@ fn conversation_over(ep: Endpoint, listener: Listener) {
         let mut r = FrameReader::new(s.try_clone().unwrap());
         let mut w = FrameWriter::new(s);
         let mut rx = Receiver::new(FakeDest::default());
-        let res = receive(&mut r, &mut w, &mut rx);
+        let res = receive_reading_ahead(&mut r, &mut w, &mut rx);
         (res.map_err(|e| e.to_string()), rx.into_destination())
     });
     let s = Stream::connect(&ep).unwrap();
@@ -933,7 +933,7 @@ fn a_refused_frame_mid_stream_ends_the_read_ahead_receiver() {
         let mut r = FrameReader::new(dst.try_clone().unwrap());
         let mut w = FrameWriter::new(dst);
         let mut rx = Receiver::new(FakeDest::default());
-        let res = receive(&mut r, &mut w, &mut rx);
+        let res = receive_reading_ahead(&mut r, &mut w, &mut rx);
         (res, rx.into_destination())
     });
     let mut r = FrameReader::new(src.try_clone().unwrap());

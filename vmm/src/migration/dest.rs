@@ -16,7 +16,9 @@ use vm_memory::{
 };
 
 use super::protocol::{RunData, PAGE_SIZE};
-use super::{receive, Destination, Endpoint, FrameReader, FrameWriter, Listener, RamRange};
+use super::{
+    receive_reading_ahead, Destination, Endpoint, FrameReader, FrameWriter, Listener, RamRange,
+};
 use super::{MigrationError, ProtocolError, Receiver};
 use crate::config::VmConfig;
 use crate::fresh_ram::FreshRam;
@@ -394,7 +396,7 @@ pub fn receive_vm(
     let mut reader = FrameReader::new(stream.try_clone().map_err(io)?);
     let mut writer = FrameWriter::new(stream);
     let mut rx = Receiver::new(VmDestination::new(hv, serial, events, policy).with_abort(abort));
-    let r = receive(&mut reader, &mut writer, &mut rx);
+    let r = receive_reading_ahead(&mut reader, &mut writer, &mut rx);
     let report = ReceiveReport {
         memory_frames: rx.memory_frames,
         data_pages: rx.data_pages,

@@ -54,7 +54,9 @@ pub use protocol::{
     Frame, FrameKind, FrameReader, FrameWriter, Header, MemoryFrameBuilder, Message, Run, RunData,
     StartInfo, HEADER_LEN, MAGIC, PAGE_SIZE, VERSION,
 };
-pub use receiver::{expect_ack, receive, Destination, RamRange, Receiver, Stage};
+pub use receiver::{
+    expect_ack, receive, receive_reading_ahead, Destination, RamRange, Receiver, Stage,
+};
 pub use transport::{Endpoint, Listener, Stream};
 
 /// Why a migration conversation failed. Each variant names the frame (and field) at fault.

@@ -244,17 +244,41 @@ fn kind_of(m: &Message<'_>) -> FrameKind {
 }
 
 /// Run the destination's side over a stream until the VM runs here ([`Stage::Done`]) or the
-/// conversation fails. Every accepted frame that needs one is acknowledged on `writer`; a
-/// failure is reported to the source in an `Error` frame (best effort) and returned.
-pub fn receive<R: Read + Send, W: Write, D: Destination>(
+/// conversation fails, reading and handling one frame at a time. Every accepted frame that
+/// needs one is acknowledged on `writer`; a failure is reported to the source in an `Error`
+/// frame (best effort) and returned. For in-memory streams (tests, the fuzzer); a socket is
+/// received with [`receive_reading_ahead`].
+pub fn receive<R: Read, W: Write, D: Destination>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
     rx: &mut Receiver<D>,
 ) -> Result<(), ProtocolError> {
-    let r = receive_inner(reader, writer, rx);
+    let r = receive_inner(reader, writer, rx, |_, _, _| Ok(false));
+    report_failure(r, writer, rx)
+}
+
+/// [`receive`], with the memory stage's frames read ahead on a second thread while this one
+/// writes guest RAM ([`memory_stage`]): what the destination of a real migration runs.
+pub fn receive_reading_ahead<R: Read + Send, W: Write, D: Destination>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    rx: &mut Receiver<D>,
+) -> Result<(), ProtocolError> {
+    let r = receive_inner(reader, writer, rx, |r, w, rx| {
+        memory_stage(r, w, rx).map(|()| true)
+    });
+    report_failure(r, writer, rx)
+}
+
+/// A failed conversation: the receiver refuses everything from here, and the source is told
+/// why (unless it abandoned, or is gone: its absence is not a second error).
+fn report_failure<W: Write, D: Destination>(
+    r: Result<(), ProtocolError>,
+    writer: &mut FrameWriter<W>,
+    rx: &mut Receiver<D>,
+) -> Result<(), ProtocolError> {
     if let Err(e) = &r {
         rx.stage = Stage::Failed;
-        // The source may be gone already; its absence is not a second error.
         if !matches!(e, ProtocolError::Abandoned(_)) {
             let _ = writer.reason(FrameKind::Error, &e.to_string());
             let _ = writer.flush();
@@ -263,14 +287,20 @@ pub fn receive<R: Read + Send, W: Write, D: Destination>(
     r
 }
 
-fn receive_inner<R: Read + Send, W: Write, D: Destination>(
+/// The conversation: `memory` may run the memory stage its own way (it returns whether it did,
+/// having left that stage); otherwise every frame is read and handled here.
+fn receive_inner<R: Read, W: Write, D: Destination>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
     rx: &mut Receiver<D>,
+    mut memory: impl FnMut(
+        &mut FrameReader<R>,
+        &mut FrameWriter<W>,
+        &mut Receiver<D>,
+    ) -> Result<bool, ProtocolError>,
 ) -> Result<(), ProtocolError> {
     while rx.stage() != Stage::Done {
-        if rx.stage() == Stage::Memory {
-            memory_stage(reader, writer, rx)?;
+        if rx.stage() == Stage::Memory && memory(reader, writer, rx)? {
             continue;
         }
         let frame = reader.next_frame()?;
