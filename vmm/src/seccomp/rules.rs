@@ -464,6 +464,7 @@ pub fn migration_send_rules() -> KindRules {
         // Which guest pages were never populated (residency): the page tables, and
         // /proc/self/maps and pagemap opened beforehand by the control thread.
         .sys(&[libc::SYS_mincore, libc::SYS_pread64])
+        .io(&[("PAGEMAP_SCAN", crate::residency::PAGEMAP_SCAN)])
         .refuse(OPEN_CALLS)
 }
 
