@@ -6,7 +6,8 @@
 #
 #   pause      pause/resume latency, 1/4/16 vCPUs, busy and idle guest   (scripts/bench-pause.sh)
 #   tsc        TscState freeze and thaw cost per vCPU, 1/8/64 vCPUs      (cargo bench -p hourglass-hypervisor)
-#   snapshot   snapshot write vs plain sequential write; restore 256M-4G  (scripts/bench-snapshot.sh)
+#   snapshot   snapshot write vs plain sequential write; restore 256M-4G  (scripts/bench-snapshot.sh);
+#              an idle guest's snapshot through the API, 256M-4G          (scripts/bench-snapshot-api.sh)
 #   migration  total time and downtime, 256 MiB / 1 GiB, idle and dirty  (scripts/bench-migration.sh)
 #   api        API requests/s and p50/p99 latency, 1/8/32/64 clients     (scripts/bench-api.sh)
 #   linux      a 1 GiB Linux guest migrated right after boot, in the nested kvm_amd host (this
@@ -22,7 +23,7 @@ case "$what" in
         run tsc
         if [ -e /dev/kvm ]; then cargo bench -p hourglass-hypervisor --bench tsc_cost; else echo "skipped: /dev/kvm is absent"; fi
         ;;&
-    snapshot|all) run snapshot; scripts/bench-snapshot.sh ;;&
+    snapshot|all) run snapshot; scripts/bench-snapshot.sh; scripts/bench-snapshot-api.sh ;;&
     migration|all) run migration; scripts/bench-migration.sh ;;&
     api|all) run api; scripts/bench-api.sh ;;&
     linux)

@@ -2,6 +2,7 @@
 //! snapshot of it on disk.
 
 use std::path::Path;
+use std::time::Instant;
 
 use log::info;
 
@@ -12,6 +13,7 @@ impl Vm {
     /// capture of the pause, every vCPU's state, the devices' states and guest RAM (see
     /// [`crate::snapshot`]). A running VM is refused ([`VmError::InvalidState`]).
     pub fn snapshot(&self, dest: &Path) -> Result<WriteReport, VmError> {
+        let t0 = Instant::now();
         let state = self.capture_state()?;
         let memory = self.vcpus.shared().memory.clone();
         let report = crate::snapshot::write(
@@ -22,11 +24,12 @@ impl Vm {
             &WriteOptions::default(),
         )?;
         info!(
-            "snapshot written to {}: {} MiB of RAM, {} MiB of data, in {:?}",
+            "snapshot written to {}: {} MiB of RAM, {} MiB of data, in {:.3} ms ({:.3} ms writing)",
             dest.display(),
             report.memory_bytes >> 20,
             report.data_bytes >> 20,
-            report.total_time
+            t0.elapsed().as_secs_f64() * 1e3,
+            report.total_time.as_secs_f64() * 1e3
         );
         Ok(report)
     }
