@@ -7,6 +7,7 @@
 #   PROFILE=dev scripts/bench-migration.sh          # debug build (faster to build, slower)
 #   BIN_DIR=DIR scripts/bench-migration.sh          # hourglass and ch-remote from DIR (another build)
 #   LOADS="wrote512 full" scripts/bench-migration.sh  # only these rows
+#   REPS=5 scripts/bench-migration.sh               # migrations per row [default: 3]
 #
 # For each guest size, one row per load of the test guest:
 #   idle      the guest only samples its clocks;
@@ -20,11 +21,16 @@
 # default 1000: each vCPU halts 1 ms between samples): the migration competes with what the
 # guest does afterwards, not with two busy vCPUs that would own both cores of a small host
 # while the plain copy it is compared with runs alone.
-# Each row prints the total migration time (the send-migration request as ch-remote sees it,
+# Each row runs REPS migrations, each with two new VMMs, and prints the medians of: the total
+# migration time (the send-migration request as ch-remote sees it,
 # its own start included; server_ms: the source VMM's own measure of the migration, from its
 # start to the source VM shut down, migration.total_ms in vm.info), the downtime (pause to
-# the destination's Ack(Complete), as the source measures it), the pre-copy passes and the bytes
-# sent, and the time of a plain copy of the guest's RAM size over a Unix socket on this host
+# the destination's Ack(Complete), as the source measures it); the fastest and slowest total
+# (total_range); the pre-copy passes and the bytes sent (of the last run); where the host's
+# kernel hands free memory back to its own host (free page reporting, as a VM's kernel with
+# virtio_balloon does), the MiB it handed back while the row's migrations ran (reported_MiB: the
+# first write into such memory costs a fault in the host below, the main cause of the spread);
+# and the time of a plain copy of the guest's RAM size over a Unix socket on this host
 # (python3, 4 MiB writes, the best of three, run once both VMMs have ended): ratio = migration
 # total / plain copy. Zero pages travel as 16-byte
 # runs, so an idle guest moves far fewer bytes than its RAM size. For the dirtyN, wroteN and
@@ -44,6 +50,7 @@ wrote="${WROTE_MIB:-64 512}"
 wrote_wait_s="${WROTE_WAIT_S:-300}" # bound on the wait for a wroteN guest's one pass
 wrote_idle_us="${WROTE_IDLE_US:-1000}"
 only="${LOADS:-}"
+reps="${REPS:-3}"
 if [ -n "${BIN_DIR:-}" ]; then
     dir=$BIN_DIR
 else
@@ -123,7 +130,71 @@ wait_pass_done() { # socket MiB -> once vm.info shows vCPU 0's one pass over the
     exit 1
 }
 
-printf '%-9s %-9s %10s %10s %12s %6s %10s %12s %7s %10s %7s %10s %7s\n' size load total_ms server_ms downtime_ms iters sent_MiB plain_ms ratio plainN_ms ratioN freshN_ms ratioF
+reported_kib() { # KiB of free memory this host's kernel has handed back to its own host so far
+    cat /sys/module/page_reporting/parameters/reported_kib 2>/dev/null || echo 0
+}
+
+migrate_once() { # size MiB passes -> r_total (ms), r_server (ms), r_down (ms), r_iters, r_sent (bytes)
+    local size=$1 d=$2 passes=$3
+    n=$((n + 1))
+    local src="$tmp/src$n.sock" dst="$tmp/dst$n.sock" rx="$tmp/rx$n.sock"
+    local pass_args=()
+    [ "$passes" != 0 ] && pass_args=(--dirty-passes "$passes" --guest-idle-us "$wrote_idle_us")
+    "$hg" --cpus boot=2 --memory "size=${size}M" --dirty-mib "$d" \
+        ${pass_args[@]+"${pass_args[@]}"} --serial off \
+        --api-socket "path=$src" 2>"$tmp/src$n.log" &
+    local spid=$!
+    pids+=($!)
+    "$hg" --serial off --api-socket "path=$dst" 2>"$tmp/dst$n.log" &
+    local dpid=$!
+    pids+=($!)
+    wait_for "$src" "the source API"; wait_for "$dst" "the destination API"
+    if [ "$passes" = 0 ]; then
+        sleep 1 # let the guest start dirtying memory (a load, not a synchronisation)
+    else
+        wait_pass_done "$src" "$d"
+    fi
+    "$chr" --api-socket "$dst" receive-migration "unix:$rx" >/dev/null &
+    local recv=$!
+    wait_for "$rx" "the receiver"
+    local t0 t1
+    t0=$(date +%s%N)
+    "$chr" --api-socket "$src" send-migration "destination_url=unix:$rx,downtime_ms=300" >/dev/null
+    t1=$(date +%s%N)
+    wait "$recv"
+    local info
+    info=$("$chr" --api-socket "$src" info)
+    # Both VMMs end before the next run and the plain copies, so that those do not share the
+    # cores with the migrated guest.
+    "$chr" --api-socket "$src" shutdown-vmm >/dev/null 2>&1 || true
+    "$chr" --api-socket "$dst" shutdown-vmm >/dev/null 2>&1 || true
+    wait "$spid" "$dpid" 2>/dev/null || true
+    r_total=$(((t1 - t0) / 1000000))
+    r_server=$(echo "$info" | field migration.total_ms)
+    r_down=$(echo "$info" | field migration.downtime_ms)
+    r_iters=$(echo "$info" | field migration.iteration)
+    r_sent=$(echo "$info" | field migration.bytes_sent)
+}
+
+median() { # values... -> their median
+    python3 -c 'import statistics,sys; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.1f}")' "$@"
+}
+
+span() { # values... -> "min-max"
+    python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(f"{min(v):.0f}-{max(v):.0f}")' "$@"
+}
+
+ratio() { # a_ms b_seconds -> a / b
+    python3 -c "print(f'{$1/1e3/max($2,1e-9):.2f}')"
+}
+
+echo "REPS=$reps migrations per row; total_ms, server_ms and downtime_ms are medians, total_range the fastest and slowest total"
+if [ -r /sys/module/page_reporting/parameters/reported_kib ]; then
+    echo "this host hands free memory back to its own host (free page reporting, virtio_balloon):" \
+        "reported_MiB is how much it handed back during the row's migrations; the first write" \
+        "into such memory costs a fault in the host below"
+fi
+printf '%-9s %-9s %10s %11s %10s %12s %6s %10s %12s %12s %7s %10s %7s %10s %7s\n' size load total_ms total_range server_ms downtime_ms iters sent_MiB reported_MiB plain_ms ratio plainN_ms ratioN freshN_ms ratioF
 n=0
 notes=() # rows skipped, printed after the table
 for size in $sizes; do
@@ -140,57 +211,30 @@ for size in $sizes; do
     for spec in $loads; do
         IFS=: read -r load d passes <<<"$spec"
         if [ -n "$only" ] && [[ " $only " != *" $load "* ]]; then continue; fi
-        n=$((n + 1))
-        src="$tmp/src$n.sock"; dst="$tmp/dst$n.sock"; rx="$tmp/rx$n.sock"
-        pass_args=()
-        [ "$passes" != 0 ] && pass_args=(--dirty-passes "$passes" --guest-idle-us "$wrote_idle_us")
-        "$hg" --cpus boot=2 --memory "size=${size}M" --dirty-mib "$d" \
-            ${pass_args[@]+"${pass_args[@]}"} --serial off \
-            --api-socket "path=$src" 2>"$tmp/src$n.log" &
-        spid=$!
-        pids+=($!)
-        "$hg" --serial off --api-socket "path=$dst" 2>"$tmp/dst$n.log" &
-        dpid=$!
-        pids+=($!)
-        wait_for "$src" "the source API"; wait_for "$dst" "the destination API"
-        if [ "$passes" = 0 ]; then
-            sleep 1 # let the guest start dirtying memory (a load, not a synchronisation)
-        else
-            wait_pass_done "$src" "$d"
-        fi
-        "$chr" --api-socket "$dst" receive-migration "unix:$rx" >/dev/null &
-        recv=$!
-        wait_for "$rx" "the receiver"
-        t0=$(date +%s%N)
-        "$chr" --api-socket "$src" send-migration "destination_url=unix:$rx,downtime_ms=300" >/dev/null
-        t1=$(date +%s%N)
-        wait "$recv"
-        info=$("$chr" --api-socket "$src" info)
-        down=$(echo "$info" | field migration.downtime_ms)
-        iters=$(echo "$info" | field migration.iteration)
-        sent=$(echo "$info" | field migration.bytes_sent)
-        server_ms=$(echo "$info" | field migration.total_ms)
-        total_ms=$(( (t1 - t0) / 1000000 ))
-        # Both VMMs end before the plain copies, so that the copies do not share the cores with
-        # the migrated guest.
-        "$chr" --api-socket "$src" shutdown-vmm >/dev/null 2>&1 || true
-        "$chr" --api-socket "$dst" shutdown-vmm >/dev/null 2>&1 || true
-        wait "$spid" "$dpid" 2>/dev/null || true
+        totals=(); servers=(); downs=()
+        reported=0
+        for _ in $(seq 1 "$reps"); do
+            before=$(reported_kib)
+            migrate_once "$size" "$d" "$passes"
+            reported=$((reported + $(reported_kib) - before))
+            totals+=("$r_total"); servers+=("$r_server"); downs+=("$r_down")
+        done
+        total_med=$(median "${totals[@]}")
         plain=$(plain_copy_s $((size << 20)))
         plain_ms=$(python3 -c "print(f'{$plain*1e3:.1f}')")
-        ratio=$(python3 -c "print(f'{$total_ms/1e3/max($plain,1e-9):.2f}')")
         plain_n_ms=-; ratio_n=-; fresh_n_ms=-; ratio_f=-
         if [ "$d" != 0 ]; then
             plain_n=$(plain_copy_s $((d << 20)))
             plain_n_ms=$(python3 -c "print(f'{$plain_n*1e3:.1f}')")
-            ratio_n=$(python3 -c "print(f'{$total_ms/1e3/max($plain_n,1e-9):.2f}')")
+            ratio_n=$(ratio "$total_med" "$plain_n")
             fresh_n=$(plain_copy_s $((d << 20)) fresh)
             fresh_n_ms=$(python3 -c "print(f'{$fresh_n*1e3:.1f}')")
-            ratio_f=$(python3 -c "print(f'{$total_ms/1e3/max($fresh_n,1e-9):.2f}')")
+            ratio_f=$(ratio "$total_med" "$fresh_n")
         fi
-        printf '%-9s %-9s %10s %10.1f %12.1f %6s %10s %12s %7s %10s %7s %10s %7s\n' "${size}MiB" \
-            "$load" "$total_ms" "$server_ms" "$down" "$iters" "$((sent >> 20))" "$plain_ms" "$ratio" "$plain_n_ms" \
-            "$ratio_n" "$fresh_n_ms" "$ratio_f"
+        printf '%-9s %-9s %10s %11s %10s %12s %6s %10s %12s %12s %7s %10s %7s %10s %7s\n' "${size}MiB" \
+            "$load" "$total_med" "$(span "${totals[@]}")" "$(median "${servers[@]}")" \
+            "$(median "${downs[@]}")" "$r_iters" "$((r_sent >> 20))" "$((reported >> 10))" "$plain_ms" \
+            "$(ratio "$total_med" "$plain")" "$plain_n_ms" "$ratio_n" "$fresh_n_ms" "$ratio_f"
     done
 done
 for note in ${notes[@]+"${notes[@]}"}; do echo "$note"; done
