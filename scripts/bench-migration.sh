@@ -52,30 +52,8 @@ wrote_wait_s="${WROTE_WAIT_S:-300}" # bound on the wait for a wroteN guest's one
 wrote_idle_us="${WROTE_IDLE_US:-1000}"
 only="${LOADS:-}"
 reps="${REPS:-3}"
-if [ -n "${BIN_DIR:-}" ]; then
-    dir=$BIN_DIR
-else
-    cargo build -q --profile "$profile" -p vmm --bins
-    dir=${CARGO_TARGET_DIR:-target}/$([ "$profile" = dev ] && echo debug || echo "$profile")
-fi
-hg="$dir/hourglass"
-chr="$dir/ch-remote"
-
-[ -r /dev/kvm ] && [ -w /dev/kvm ] || { echo "SKIPPED bench-migration: /dev/kvm is not usable"; exit 0; }
-
-tmp=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-
-wait_for() { # path what
-    for _ in $(seq 1 2000); do [ -S "$1" ] && return 0; sleep 0.01; done
-    echo "timed out waiting for $2" >&2
-    exit 1
-}
+bench=bench-migration
+. scripts/bench-vmm-common.sh
 
 plain_copy_s() { # bytes [fresh] -> seconds of a plain copy over a Unix socket
     # The receiver reads into one 4 MiB buffer it reuses (the best of three), or with "fresh"
@@ -180,10 +158,6 @@ migrate_once() { # size MiB passes -> r_total (ms), r_server (ms), r_down (ms), 
     r_down=$(echo "$info" | field migration.downtime_ms)
     r_iters=$(echo "$info" | field migration.iteration)
     r_sent=$(echo "$info" | field migration.bytes_sent)
-}
-
-median() { # values... -> their median
-    python3 -c 'import statistics,sys; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.1f}")' "$@"
 }
 
 span() { # values... -> "min-max"

@@ -21,37 +21,14 @@ cd "$(dirname "$0")/.."
 profile="${PROFILE:-release}"
 sizes="${SIZES_MIB:-256 1024 4096}"
 reps="${REPS:-5}"
-if [ -n "${BIN_DIR:-}" ]; then
-    dir=$BIN_DIR
-else
-    cargo build -q --profile "$profile" -p vmm --bins
-    dir=${CARGO_TARGET_DIR:-target}/$([ "$profile" = dev ] && echo debug || echo "$profile")
-fi
-hg="$dir/hourglass"
-chr="$dir/ch-remote"
-
-[ -r /dev/kvm ] && [ -w /dev/kvm ] || { echo "SKIPPED bench-snapshot-api: /dev/kvm is not usable"; exit 0; }
-
-base="${SNAP_DIR:-${CARGO_TARGET_DIR:-target}/tmp}"
-mkdir -p "$base"
-tmp=$(mktemp -d "$base/bench-snapshot-api.XXXXXX")
-tmp=$(cd "$tmp" && pwd)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-
-wait_for() { # path what
-    for _ in $(seq 1 2000); do [ -S "$1" ] && return 0; sleep 0.01; done
-    echo "timed out waiting for $2" >&2
-    exit 1
-}
+bench=bench-snapshot-api
+TMP_BASE="${SNAP_DIR:-${CARGO_TARGET_DIR:-target}/tmp}"
+. scripts/bench-vmm-common.sh
 
 stats() { # values... -> "median (min-max)"
-    python3 -c 'import statistics,sys; v=[float(x) for x in sys.argv[1:]]
-print(f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})")' "$@"
+    local span
+    span=$(python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(f"{min(v):.1f}-{max(v):.1f}")' "$@")
+    echo "$(median "$@") ($span)"
 }
 
 printf '| guest | server_ms median (range) | api_ms median (range) | memory.bin on disk | snapshot on disk | plain_ms | ratio |\n'
@@ -93,8 +70,8 @@ for size in $sizes; do
         plain+=("$(python3 -c "print(($t1 - $t0) / 1e6)")")
         rm -f "$tmp/plain"
     done
-    plain_med=$(python3 -c 'import statistics,sys; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.2f}")' "${plain[@]}")
-    server_med=$(python3 -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "${server[@]}")
+    plain_med=$(median "${plain[@]}")
+    server_med=$(median "${server[@]}")
     ratio=$(python3 -c "print(f'{$server_med / max($plain_med, 1e-9):.1f}')")
     printf '| %s MiB | %s | %s | %s KiB | %s KiB | %s | %s |\n' "$size" "$(stats "${server[@]}")" \
         "$(stats "${api[@]}")" "$mem_kib" "$all_kib" "$plain_med" "$ratio"
